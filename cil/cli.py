@@ -1,0 +1,161 @@
+"""The ``cil`` command line: ``cil run`` (LightningCLI-based) and ``cil summarize``.
+
+``cil run --config configs/experiments/quickstart.yaml [--out DIR] [--resume] [--trainer.max_epochs 3] ...``
+takes the trainer, backbone, method, stream and data settings from YAML and dotted overrides
+(``--print_config`` shows the resolved config). The run seed is LightningCLI's ``--seed_everything``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from cil.backbones import Backbone
+from cil.data import DataConfig
+from cil.engine import Engine, make_trainer_factory
+from cil.method import CILMethod, _METHODS, list_methods
+from cil.results import accuracy_matrix, load_runs, load_summaries
+from cil.stream import build_stream, list_streams
+
+__all__ = ["CILCLI", "main"]
+
+log = logging.getLogger(__name__)
+
+# glibc settings that keep freed tensor buffers in the heap instead of returning them to the kernel; measured on
+# 2 CPU cores, EfficientNet-Lite0 at 224 px went from 26 to 75 img/s (page faults were 2/3 of the CPU time).
+_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", "MALLOC_TOP_PAD_": "1000000000"}
+_USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError)
+
+
+class CILCLI(LightningCLI):
+    """LightningCLI with ``method`` / ``backbone`` / ``stream`` / ``data`` groups instead of model + datamodule.
+
+    ``run=False``: parsing and instantiation only; :func:`main` drives the engine, building a fresh Trainer per task
+    from the parsed ``trainer`` group.
+    """
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items()})
+        parser.add_class_arguments(Backbone, "backbone", instantiate=True)
+        parser.add_subclass_arguments(CILMethod, "method", required=True)
+        parser.link_arguments("backbone", "method.init_args.backbone", apply_on="instantiate")
+        parser.add_argument("--stream", type=dict[str, Any], required=True, help="{name: <registered stream>, ...}")
+        parser.add_class_arguments(DataConfig, "data")
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--out", type=str, default="runs/latest", help="run directory")
+        parser.add_argument("--resume", type=bool, default=False, help="continue the run in --out")
+        parser.add_argument("--logger", type=str, default="csv", help="csv | tensorboard | none")
+        parser.add_argument("--keep_checkpoints", type=int, default=0, help="keep the newest N checkpoints (0: all)")
+
+    def instantiate_classes(self) -> None:
+        self.config_init = self.parser.instantiate(self.config)
+        self.model = self.config_init["method"]
+
+
+def _resolved_config(cli: CILCLI) -> dict[str, Any]:
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_link_targets=False))  # type: ignore[no-any-return]
+
+
+def run(args: list[str]) -> int:
+    list_methods()  # import the built-in methods so that `class_path: SimpleCIL` resolves
+    sys.argv = sys.argv[:1]  # LightningCLI reads `args`, and warns when sys.argv holds them too
+    cli = CILCLI(
+        run=False,
+        args=args,
+        seed_everything_default=1993,
+        save_config_callback=None,
+        auto_configure_optimizers=False,
+        trainer_defaults={"max_epochs": 1, "enable_model_summary": False, "logger": False},
+        parser_kwargs={"parser_mode": "omegaconf", "prog": "cil run"},
+    )
+    config = _resolved_config(cli)
+    seed = int(config["seed_everything"])
+    method = cli.config_init["method"]
+    config["method_name"] = _METHODS.name_of(method) or type(method).__name__.lower()
+    stream = build_stream(config["stream"], seed=seed)
+    out = Path(cli.config["out"])
+    trainer_kwargs = dict(cli.config_init["trainer"])
+    trainer_kwargs.pop("logger", None)
+    engine = Engine(
+        method,
+        stream,
+        out,
+        trainer_factory=make_trainer_factory(out, trainer_kwargs, logger=cli.config["logger"]),
+        data=cli.config_init["data"],
+        seed=seed,
+        config=config,
+        resume=bool(cli.config["resume"]),
+        keep_checkpoints=int(cli.config["keep_checkpoints"]),
+    )
+    summary = engine.run()
+    print(f"\nAccuracy matrix R[i, j] (%), {stream.name}, {config['method_name']}:")
+    print(_format_matrix(engine))
+    print("\nSummary:")
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
+    print(f"\nRun directory: {out}")
+    return 0
+
+
+def _format_matrix(engine: Engine) -> str:
+    import pandas as pd
+
+    names = [f"t{t.index}" for t in engine.stream]
+    frame = pd.DataFrame(accuracy_matrix(pd.DataFrame(engine.results), len(names)), index=names, columns=names)
+    return frame.to_string(float_format=lambda v: f"{v:6.2f}", na_rep="     -")
+
+
+def summarize(args: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="cil summarize", description="One row per run directory.")
+    parser.add_argument("runs", nargs="+", help="run directories written by `cil run --out`")
+    parser.add_argument("--format", choices=["text", "csv"], default="text")
+    options = parser.parse_args(args)
+    table = load_summaries(options.runs)
+    columns = ["run", "method", "stream", "seed", "finished_tasks", "num_tasks", "avg_incremental_acc", "last_acc"]
+    columns += ["avg_forgetting", "bwt", "wall_s", "trainable_params"]
+    table = table[[c for c in columns if c in table.columns]]
+    print(table.to_csv(index=False) if options.format == "csv" else table.to_string(index=False))
+    load_runs(options.runs)  # validates that every results.csv is readable
+    return 0
+
+
+def _reexec_with_tuned_malloc(argv: list[str]) -> None:
+    """Re-runs this process once with the glibc malloc settings above (they are read at process start)."""
+    if sys.platform != "linux" or os.environ.get("CIL_MALLOC_TUNED") or os.environ.get("CIL_NO_MALLOC_TUNING"):
+        return
+    env = {**os.environ, "CIL_MALLOC_TUNED": "1"}
+    for key, value in _MALLOC_ENV.items():
+        env.setdefault(key, value)
+    os.execve(sys.executable, [sys.executable, "-m", "cil.cli", *argv], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"run": run, "summarize": summarize}
+    if not argv or argv[0] not in commands:
+        print("usage: cil {run,summarize} ...\n  cil run --config CONFIG.yaml [--out DIR] [--resume true]\n"
+              "  cil summarize RUN_DIR...", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _reexec_with_tuned_malloc(argv)
+    try:
+        return commands[argv[0]](argv[1:])
+    except _USER_ERRORS as error:
+        if os.environ.get("CIL_DEBUG"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        print(f"cil {argv[0]}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,361 @@
+"""The engine: drives one method through a stream, task by task, and keeps the run directory up to date.
+
+Per task: seed -> ``method.begin_task`` -> a fresh ``Trainer`` -> ``fit`` (if the method trains) ->
+``method.after_task`` -> evaluate every seen task -> write results, summary and a checkpoint atomically.
+A run killed at any point resumes (``resume=True``) after its last finished task with identical results,
+because every task starts from a seed derived from the run's seed and the task index, not from RNG history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from torch.utils.data import Dataset
+
+from cil.data import DataConfig, Transformed, build_transform, make_loader
+from cil.method import CILMethod
+from cil.metrics import TaskAccuracy
+from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atomic_write_text, summarize
+from cil.stream import Stream
+from cil.task import Task
+
+__all__ = ["Engine", "TrainerFactory", "config_hash", "make_trainer_factory"]
+
+log = logging.getLogger(__name__)
+
+TrainerFactory = Callable[[int, Sequence[Callback]], L.Trainer]
+"""``factory(task_index, extra_callbacks) -> a fresh Trainer`` (one per task: a second ``fit`` on a used
+Trainer does not train again)."""
+
+# Config keys that steer the run but cannot change its results; resuming may change them.
+_RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger"}
+_TRAINER_DISPLAY_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "callbacks"}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable hash of everything in ``config`` that can change a run's results."""
+    relevant = {k: v for k, v in config.items() if k not in _RUN_CONTROL_KEYS}
+    if isinstance(relevant.get("trainer"), dict):
+        relevant["trainer"] = {k: v for k, v in relevant["trainer"].items() if k not in _TRAINER_DISPLAY_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_trainer_factory(out: Path, trainer_kwargs: dict[str, Any] | None = None, logger: str = "csv") -> TrainerFactory:
+    """A factory of fresh Trainers that log each task to ``out/logs/task_{i:03d}``.
+
+    Args:
+        out: Run directory.
+        trainer_kwargs: ``lightning.Trainer`` arguments (accelerator, precision, max_epochs, ...).
+        logger: ``"csv"`` (Lightning's CSVLogger), ``"tensorboard"`` or ``"none"``.
+    """
+    kwargs = dict(trainer_kwargs or {})
+    user_callbacks = list(kwargs.pop("callbacks", None) or [])
+    for reserved in ("logger", "enable_checkpointing", "default_root_dir"):
+        if reserved in kwargs and kwargs[reserved] not in (None, False):
+            raise ValueError(f"trainer.{reserved} is managed by the engine (per-task logs, atomic checkpoints)")
+        kwargs.pop(reserved, None)
+    if logger not in {"csv", "tensorboard", "none"}:
+        raise ValueError(f"logger must be 'csv', 'tensorboard' or 'none', got {logger!r}")
+
+    def factory(task_index: int, callbacks: Sequence[Callback]) -> L.Trainer:
+        version = f"task_{task_index:03d}"
+        task_logger: Logger | bool
+        if logger == "csv":
+            task_logger = CSVLogger(out / "logs", name="", version=version)
+        elif logger == "tensorboard":
+            task_logger = TensorBoardLogger(out / "logs", name="", version=version)
+        else:
+            task_logger = False
+        return L.Trainer(
+            **kwargs,
+            logger=task_logger,
+            callbacks=[*user_callbacks, *callbacks],
+            enable_checkpointing=False,
+            default_root_dir=out,
+        )
+
+    return factory
+
+
+class _ImageCounter(Callback):
+    """Counts training images so that throughput is exact whatever the epoch / step limits."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, i: int) -> None:
+        self.images += len(batch[1])
+
+
+class _FeatureCache:
+    """Embeddings of datasets under the evaluation transform, reused while the method's embedding is frozen."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.trainer: L.Trainer | None = None
+        self._cache: dict[int, tuple[Dataset[Any], torch.Tensor, torch.Tensor]] = {}
+        self.images = 0  # images that went through the backbone
+
+    def __call__(self, dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        method = self.engine.method
+        if not method.embedding_frozen:
+            self._cache.clear()
+        hit = self._cache.get(id(dataset))
+        if hit is not None:
+            return hit[1], hit[2]
+        embeddings, labels = self.engine._predict(self.trainer, dataset, "embedding")
+        self.images += len(labels)
+        if method.embedding_frozen:
+            self._cache[id(dataset)] = (dataset, embeddings, labels)  # keeps `dataset` alive so its id stays unique
+        return embeddings, labels
+
+
+class Engine:
+    """Runs ``method`` over ``stream`` and writes the run directory ``out``.
+
+    Args:
+        method: The continual learner.
+        stream: The tasks, in order.
+        out: Run directory (see :mod:`cil.results`).
+        trainer_factory: Builds a fresh Trainer per task; default: CPU/GPU auto, 1 epoch, CSV logs.
+        data: Batch sizes and workers.
+        seed: Run seed; task ``i`` starts from ``seed + i``.
+        config: The resolved config, saved as ``config.yaml`` and hashed into every checkpoint.
+        resume: Continue after the last checkpoint in ``out`` instead of refusing a non-empty ``out``.
+        keep_checkpoints: Keep only the newest N task checkpoints (0: keep all).
+    """
+
+    def __init__(
+        self,
+        method: CILMethod,
+        stream: Stream,
+        out: str | Path,
+        *,
+        trainer_factory: TrainerFactory | None = None,
+        data: DataConfig | None = None,
+        seed: int = 0,
+        config: dict[str, Any] | None = None,
+        resume: bool = False,
+        keep_checkpoints: int = 0,
+    ) -> None:
+        self.method = method
+        self.stream = stream
+        self.out = Path(out)
+        self.trainer_factory = trainer_factory or make_trainer_factory(self.out, {"max_epochs": 1})
+        self.data = data or DataConfig()
+        self.seed = seed
+        self.config = config or {}
+        self.resume = resume
+        self.keep_checkpoints = keep_checkpoints
+        self.config_hash = config_hash(self.config)
+        self.method_name = str(self.config.get("method_name") or type(method).__name__.lower())
+        self.results: list[dict[str, Any]] = []
+        self.task_costs: list[dict[str, Any]] = []
+        self.features = _FeatureCache(self)
+        self.train_transform = build_transform(
+            method.backbone.input_size, method.backbone.mean, method.backbone.std, train=self.data.augment
+        )
+        self.eval_transform = build_transform(
+            method.backbone.input_size, method.backbone.mean, method.backbone.std, train=False
+        )
+
+    # ---- public ----------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Runs (or continues) the stream; returns the summary."""
+        start = self._restore() if self.resume else self._check_fresh_out()
+        if start == 0:
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+        for task in self.stream.tasks[start:]:
+            self._run_task(task)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(pd.DataFrame(self.results), pd.DataFrame(self.task_costs), len(self.stream))
+
+    def accuracy_matrix(self) -> np.ndarray:
+        return accuracy_matrix(pd.DataFrame(self.results, columns=RESULT_COLUMNS), len(self.stream))
+
+    # ---- one task --------------------------------------------------------------------------------------------
+    def _run_task(self, task: Task) -> None:
+        method = self.method
+        seen_tasks = self.stream.tasks[: task.index + 1]
+        L.seed_everything(self.seed + task.index, workers=True, verbose=False)
+        log.info("task %d/%d %s: %d new classes", task.index + 1, len(self.stream), task.name, task.num_classes)
+        started = time.perf_counter()
+        method.begin_task(task)
+        counter = _ImageCounter()
+        trainer = self.trainer_factory(task.index, [counter])
+        self.features.trainer = trainer
+        self.features.images = 0
+        if method.needs_fit(task):
+            train_data = Transformed(method.train_dataset(task, seen_tasks), self.train_transform)
+            loader = make_loader(train_data, self.data.batch_size, shuffle=True, num_workers=self.data.num_workers)
+            trainer.fit(method, train_dataloaders=loader)
+        method.after_task(task, self.features)
+        fit_s = time.perf_counter() - started
+        train_images = counter.images + self.features.images
+
+        started_eval = time.perf_counter()
+        self.results.extend(self._evaluate(trainer, task, seen_tasks))
+        eval_s = time.perf_counter() - started_eval
+        self.task_costs.append(
+            {
+                "task": task.index,
+                "task_name": task.name,
+                "n_new_classes": task.num_classes,
+                "n_train": len(task.train),  # type: ignore[arg-type]
+                "fit_s": round(fit_s, 3),
+                "eval_s": round(eval_s, 3),
+                "wall_s": round(fit_s + eval_s, 3),
+                "train_images": train_images,
+                "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type]
+                "trainable_params": method.num_trainable_parameters(),
+                "total_params": sum(p.numel() for p in method.parameters()),
+            }
+        )
+        self._write(task)
+
+    def _predict(self, trainer: L.Trainer | None, dataset: Dataset[Any], output: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings or logits of ``dataset`` under the evaluation transform, using the trainer's device and
+        precision. Returns ``(outputs [N, D or C], labels [N])`` on the CPU."""
+        if trainer is None:
+            raise RuntimeError("features are only available inside a task")
+        loader = make_loader(Transformed(dataset, self.eval_transform), self.data.eval_batch_size, False, self.data.num_workers)
+        self.method.predict_output = output
+        try:
+            batches = trainer.predict(self.method, dataloaders=loader, return_predictions=True)
+        finally:
+            self.method.predict_output = "logits"
+        outputs = torch.cat([b[0].float().cpu() for b in batches])  # type: ignore[index, union-attr]
+        labels = torch.cat([torch.as_tensor(b[1]).cpu() for b in batches])  # type: ignore[index, union-attr]
+        return outputs, labels
+
+    @torch.no_grad()
+    def _evaluate(self, trainer: L.Trainer, task: Task, seen_tasks: Sequence[Task]) -> list[dict[str, Any]]:
+        method = self.method
+        metric = TaskAccuracy(num_tasks=len(seen_tasks))
+        for seen in seen_tasks:
+            if method.embedding_frozen:
+                embeddings, labels = self.features(seen.test)
+                method.eval()
+                logits = torch.cat(
+                    [method.classify(chunk.to(method.device)).float().cpu() for chunk in embeddings.split(4096)]
+                )
+            else:
+                logits, labels = self._predict(trainer, seen.test, "logits")
+            if logits.shape[1] != len(method.seen_classes):
+                raise ValueError(
+                    f"{type(method).__name__} returned {logits.shape[1]} logits; expected one per seen class "
+                    f"({len(method.seen_classes)})"
+                )
+            metric.update(logits, labels, torch.full_like(labels, seen.index))
+        correct, total = metric.correct.tolist(), metric.total.tolist()
+        accuracy = metric.accuracy().tolist()
+        return [
+            {
+                "method": self.method_name,
+                "stream": self.stream.name,
+                "seed": self.seed,
+                "train_task": task.index,
+                "eval_task": seen.index,
+                "train_task_name": task.name,
+                "eval_task_name": seen.name,
+                "n_seen_classes": len(method.seen_classes),
+                "accuracy": round(accuracy[seen.index], 6),
+                "n_correct": correct[seen.index],
+                "n_test": total[seen.index],
+            }
+            for seen in seen_tasks
+        ]
+
+    # ---- run directory ---------------------------------------------------------------------------------------
+    def _write(self, task: Task) -> None:
+        """Results first, checkpoint last: the checkpoint marks the task as finished."""
+        results = pd.DataFrame(self.results, columns=RESULT_COLUMNS)
+        atomic_write_text(self.out / "results.csv", results.to_csv(index=False))
+        atomic_write_text(self.out / "tasks.csv", pd.DataFrame(self.task_costs).to_csv(index=False))
+        matrix = pd.DataFrame(
+            self.accuracy_matrix(),
+            index=pd.Index([t.name for t in self.stream], name="after_task"),
+            columns=[t.name for t in self.stream],
+        )
+        atomic_write_text(self.out / "accuracy_matrix.csv", matrix.to_csv(float_format="%.4f"))
+        atomic_write_text(self.out / "summary.json", json.dumps(self.summary(), indent=2))
+        state = {
+            "config_hash": self.config_hash,
+            "config": self.config,
+            "stream": self.stream.name,
+            "task_index": task.index,
+            "method": self.method.cil_state(),
+            "results": self.results,
+            "task_costs": self.task_costs,
+        }
+        atomic_torch_save(state, self._checkpoint_path(task.index))
+        if self.keep_checkpoints > 0:
+            for old in self._checkpoints()[: -self.keep_checkpoints]:
+                old.unlink()
+
+    def _checkpoint_path(self, index: int) -> Path:
+        return self.out / "checkpoints" / f"task_{index:03d}.ckpt"
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted((self.out / "checkpoints").glob("task_*.ckpt"))
+
+    def _check_fresh_out(self) -> int:
+        if (self.out / "results.csv").exists() or self._checkpoints():
+            raise FileExistsError(
+                f"{str(self.out)!r} already holds a run; pass --resume to continue it, or choose another --out"
+            )
+        return 0
+
+    def _restore(self) -> int:
+        """Loads the newest checkpoint; returns the index of the first task still to run."""
+        checkpoints = self._checkpoints()
+        if not checkpoints:
+            log.info("no checkpoint in %s: starting the stream from the first task", self.out)
+            return 0
+        path = checkpoints[-1]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise ValueError(f"cannot read checkpoint {str(path)!r} ({error}); delete it to resume from the one before") from error
+        if state.get("config_hash") != self.config_hash:
+            changed = _changed_keys(state.get("config", {}), self.config)
+            raise ValueError(
+                f"{str(path)!r} was written by a run with a different config (differs in: {', '.join(changed) or '?'}); "
+                "resume with the original config, or start a new run with another --out"
+            )
+        self.method.load_cil_state(state["method"], self.stream.tasks)
+        self.results = list(state["results"])
+        self.task_costs = list(state["task_costs"])
+        start = int(state["task_index"]) + 1
+        log.info("resuming %s after task %d of %d", self.out, start, len(self.stream))
+        return start
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        if not prefix and key in _RUN_CONTROL_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed.extend(_changed_keys(a, b, f"{prefix}{key}."))
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
+
+

@@ -1,0 +1,66 @@
+"""Classifier heads that grow with the stream."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["IncrementalLinear", "PrototypeHead"]
+
+
+class IncrementalLinear(nn.Module):
+    """A linear head over all seen classes; :meth:`expand` adds rows for new classes and keeps the old ones."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.weight = nn.Parameter(torch.empty(0, in_features))
+        self.bias = nn.Parameter(torch.empty(0))
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def expand(self, num_new: int) -> None:
+        fresh = nn.Linear(self.in_features, num_new)  # PyTorch's default init for the new rows
+        fresh = fresh.to(device=self.weight.device, dtype=self.weight.dtype)
+        self.weight = nn.Parameter(torch.cat([self.weight.data, fresh.weight.data]))
+        self.bias = nn.Parameter(torch.cat([self.bias.data, fresh.bias.data]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.linear(z, self.weight, self.bias)  # [B, C]
+
+
+class PrototypeHead(nn.Module):
+    """Cosine similarity to one prototype per class (SimpleCIL / APER / MOS), ``logits [B, C]`` in [-1, 1].
+
+    Prototypes are a buffer, not a parameter: they are computed, never trained.
+    """
+
+    prototypes: torch.Tensor
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.register_buffer("prototypes", torch.zeros(0, in_features))
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+    def expand(self, num_new: int) -> None:
+        self.prototypes = torch.cat([self.prototypes, self.prototypes.new_zeros(num_new, self.in_features)])
+
+    @torch.no_grad()
+    def set_prototypes(self, embeddings: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
+        """Sets the prototype of each class in ``classes`` to the mean of its embeddings ``[N, D]``."""
+        embeddings = embeddings.to(self.prototypes)
+        for c in classes:
+            members = embeddings[labels == c]
+            if len(members) == 0:
+                raise ValueError(f"class {c} has no training images, so it has no prototype")
+            self.prototypes[c] = members.mean(dim=0)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return F.normalize(z.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T  # [B, C]

@@ -1,0 +1,168 @@
+"""The method protocol: one ``LightningModule`` per continual-learning method, driven task by task by the engine.
+
+Call order per task (see :class:`cil.engine.Engine`)::
+
+    begin_task(task)          # grow(task) -> before_task(task)
+    trainer.fit(...)          # only if needs_fit(task); data = train_dataset(task, seen_tasks)
+    after_task(task, features)
+    evaluate every seen task  # logits over all seen classes
+
+The embedding / classifier split (:meth:`embed`, :meth:`classify`) lets the engine cache embeddings while
+:attr:`embedding_frozen` is true, so frozen-backbone methods embed each image once per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from cil._registry import Registry
+from cil.backbones import Backbone
+from cil.task import Task
+
+__all__ = ["CILMethod", "FeatureFn", "create_method", "list_methods", "register_method"]
+
+FeatureFn = Callable[[Dataset[Any]], tuple[torch.Tensor, torch.Tensor]]
+"""``features(dataset) -> (embeddings [N, D], labels [N])``, computed under the evaluation transform."""
+
+_METHODS = Registry[type["CILMethod"]]("method", "methods")
+
+
+def register_method(name: str) -> Callable[[type[CILMethod]], type[CILMethod]]:
+    """Class decorator that makes a method available by ``name`` (``create_method(name, ...)``)."""
+    return _METHODS.register(name)
+
+
+def list_methods() -> list[str]:
+    return _METHODS.names()
+
+
+def method_class(name: str) -> type[CILMethod]:
+    return _METHODS.get(name)
+
+
+def create_method(name: str, backbone: Backbone, **kwargs: Any) -> CILMethod:
+    return _METHODS.get(name)(backbone=backbone, **kwargs)
+
+
+class CILMethod(L.LightningModule):
+    """Base class of every method.
+
+    Subclasses set ``self.head`` (any module mapping embeddings ``[B, D]`` to logits ``[B, C_seen]``) and override
+    the hooks they need. Labels are global class ids, contiguous in order of appearance, so the logits of the
+    seen classes are simply columns ``0..C_seen-1``.
+
+    Args:
+        backbone: The feature extractor; injected so that configs choose it independently of the method.
+    """
+
+    head: nn.Module
+
+    def __init__(self, backbone: Backbone) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.seen_classes: list[int] = []
+        self.new_classes: list[int] = []
+        self.task_index = -1
+        self.predict_output = "logits"  # the engine switches this to "embedding" for feature extraction
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    def begin_task(self, task: Task) -> None:
+        """Called by the engine at the start of every task."""
+        self.grow(task)
+        self.before_task(task)
+
+    def grow(self, task: Task) -> None:
+        """Records the task's classes and expands the heads. Structural and deterministic given the RNG state:
+        the engine replays it when restoring a checkpoint."""
+        self.task_index = task.index
+        self.new_classes = list(task.classes)
+        self.seen_classes = self.seen_classes + self.new_classes
+        self.expand_heads(len(task.classes))
+
+    def expand_heads(self, num_new: int) -> None:
+        """Adds outputs for ``num_new`` classes to every growing head."""
+        expand = getattr(self.head, "expand", None)
+        if expand is not None:
+            expand(num_new)
+
+    # ---- hooks -----------------------------------------------------------------------------------------------
+    def before_task(self, task: Task) -> None:
+        """Per-task set-up after the heads grew (freeze / unfreeze modules, reset state)."""
+
+    def needs_fit(self, task: Task) -> bool:
+        """Whether the engine runs the optimisation loop for ``task``; forward-only methods return False."""
+        return True
+
+    def train_dataset(self, task: Task, seen_tasks: Sequence[Task]) -> Dataset[Any]:
+        """The data ``fit`` trains on: the task's own by default; replay and joint training override this."""
+        return task.train
+
+    def after_task(self, task: Task, features: FeatureFn) -> None:
+        """After training: compute prototypes, merge modules, update buffers."""
+
+    @property
+    def embedding_frozen(self) -> bool:
+        """True while :meth:`embed` cannot change any more during the run, so embeddings may be cached."""
+        return False
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` -> embeddings ``[B, D]``."""
+        return self.backbone(x)  # type: ignore[no-any-return]
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``[B, D]`` -> logits over the seen classes ``[B, C_seen]``."""
+        return self.head(z)  # type: ignore[no-any-return]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.embed(x))
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(embeddings or logits, labels)``; the engine picks the output with ``predict_output``."""
+        x, y = batch
+        return (self.embed(x) if self.predict_output == "embedding" else self(x)), y
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        """Cross-entropy over all seen classes (the sequential fine-tuning loss); methods override it."""
+        x, y = batch
+        logits = self(x)  # [B, C_seen]
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", (logits.argmax(1) == y).float().mean() * 100, on_epoch=True, batch_size=len(y))
+        return loss
+
+    # ---- bookkeeping -----------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def cil_state(self) -> dict[str, Any]:
+        """Everything needed to continue the stream from here (weights, buffers, seen classes)."""
+        return {"task_index": self.task_index, "seen_classes": list(self.seen_classes), "weights": self.state_dict()}
+
+    def load_cil_state(self, state: dict[str, Any], tasks: Sequence[Task]) -> None:
+        """Restores :meth:`cil_state` on a freshly built method, replaying :meth:`grow` over the finished tasks."""
+        for task in tasks[: state["task_index"] + 1]:
+            self.grow(task)
+        if self.seen_classes != state["seen_classes"]:
+            raise ValueError("the checkpoint's classes do not match this stream's; was it written by another run?")
+        self.load_state_dict(state["weights"], strict=True)
+
+    def sgd_with_cosine(
+        self, lr: float, momentum: float, weight_decay: float, min_lr: float = 0.0
+    ) -> dict[str, Any]:
+        """SGD over the trainable parameters with a per-step cosine schedule spanning the whole fit."""
+        optimizer = torch.optim.SGD(self.trainable_parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        steps = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

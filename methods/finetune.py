@@ -1,0 +1,61 @@
+"""Baselines: sequential fine-tuning (the lower bound) and joint training (the upper bound).
+
+``finetune`` trains the whole network with cross-entropy over all seen classes on each task's data alone, with a
+linear head that grows by the new classes (LAMDA-PILOT's ``finetune``): it forgets. ``joint`` retrains from the
+pre-trained weights on the union of all tasks seen so far after every task, so each step is non-incremental
+training on the seen classes; its cost grows with the stream (step ``i`` trains on ``i + 1`` tasks' data).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import ConcatDataset, Dataset
+
+from cil.backbones import Backbone
+from cil.heads import IncrementalLinear
+from cil.method import CILMethod, register_method
+from cil.task import Task
+
+
+@register_method("finetune")
+class Finetune(CILMethod):
+    """Full fine-tuning, task after task, of the backbone and a growing linear head.
+
+    Args:
+        backbone: Pre-trained feature extractor (trained too).
+        lr: SGD learning rate (cosine-annealed over each task's fit).
+        momentum: SGD momentum.
+        weight_decay: L2 penalty.
+    """
+
+    def __init__(self, backbone: Backbone, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+        super().__init__(backbone)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.head = IncrementalLinear(backbone.num_features)
+
+    def configure_optimizers(self) -> Any:
+        return self.sgd_with_cosine(self.lr, self.momentum, self.weight_decay)
+
+
+@register_method("joint")
+class Joint(Finetune):
+    """Upper bound: at every task, restart from the pre-trained backbone and train on all seen tasks' data."""
+
+    def __init__(self, backbone: Backbone, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+        super().__init__(backbone, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self._pretrained = copy.deepcopy(backbone.state_dict())
+
+    def before_task(self, task: Task) -> None:
+        self.backbone.load_state_dict(self._pretrained)
+        with torch.no_grad():  # a fresh head over all seen classes, as in non-incremental training
+            fresh = IncrementalLinear(self.head.in_features)
+            fresh.expand(len(self.seen_classes))
+            self.head.weight.copy_(fresh.weight)
+            self.head.bias.copy_(fresh.bias)
+
+    def train_dataset(self, task: Task, seen_tasks: Sequence[Task]) -> Dataset[Any]:
+        return ConcatDataset([seen.train for seen in seen_tasks])

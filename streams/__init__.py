@@ -1,0 +1,5 @@
+"""Built-in streams; importing this package registers them (``cil.list_streams()`` does it on demand)."""
+
+from streams import folders, offline
+
+__all__ = ["folders", "offline"]
