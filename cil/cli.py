@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from cil.backbones import Backbone
 from cil.data import DataConfig
 from cil.engine import Engine, make_trainer_factory
-from cil.method import CILMethod, _METHODS, list_methods
+from cil.method import _METHODS, CILMethod, list_methods
 from cil.results import accuracy_matrix, load_runs, load_summaries
-from cil.stream import build_stream, list_streams
+from cil.stream import build_stream
 
 __all__ = ["CILCLI", "main"]
 
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 # glibc settings that keep freed tensor buffers in the heap instead of returning them to the kernel; measured on
 # 2 CPU cores, EfficientNet-Lite0 at 224 px went from 26 to 75 img/s (page faults were 2/3 of the CPU time).
 _MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", "MALLOC_TOP_PAD_": "1000000000"}
-_USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError)
+_USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError, argparse.ArgumentError)
+_SPECIFIC_PARSER_ERRORS = ("not accepted", "does not accept", "unrecognized", "required", "No action", "Not a valid")
 
 
 class CILCLI(LightningCLI):
@@ -63,21 +65,33 @@ class CILCLI(LightningCLI):
 
 
 def _resolved_config(cli: CILCLI) -> dict[str, Any]:
-    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_link_targets=False))  # type: ignore[no-any-return]
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_link_targets=False))
+
+
+def _parse(args: list[str]) -> CILCLI:
+    list_methods()  # import the built-in methods so that `class_path: methods.SimpleCIL` resolves
+    saved_argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args`; it warns when sys.argv has them too
+    try:
+        return CILCLI(
+            run=False,
+            args=args,
+            seed_everything_default=1993,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            trainer_defaults={"max_epochs": 1, "enable_model_summary": False, "logger": False},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "prog": "cil run",
+                "exit_on_error": False,
+                "allow_abbrev": False,
+            },
+        )
+    finally:
+        sys.argv = saved_argv
 
 
 def run(args: list[str]) -> int:
-    list_methods()  # import the built-in methods so that `class_path: SimpleCIL` resolves
-    sys.argv = sys.argv[:1]  # LightningCLI reads `args`, and warns when sys.argv holds them too
-    cli = CILCLI(
-        run=False,
-        args=args,
-        seed_everything_default=1993,
-        save_config_callback=None,
-        auto_configure_optimizers=False,
-        trainer_defaults={"max_epochs": 1, "enable_model_summary": False, "logger": False},
-        parser_kwargs={"parser_mode": "omegaconf", "prog": "cil run"},
-    )
+    cli = _parse(args)
     config = _resolved_config(cli)
     seed = int(config["seed_everything"])
     method = cli.config_init["method"]
@@ -138,22 +152,49 @@ def _reexec_with_tuned_malloc(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "cil.cli", *argv], env)
 
 
+def _one_line(error: BaseException) -> str:
+    """The line of an error that says what to fix (jsonargparse reports nested config errors on many lines)."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip()]
+    if isinstance(error, argparse.ArgumentError):
+        specific = [line for line in lines if any(marker in line for marker in _SPECIFIC_PARSER_ERRORS)]
+        if not specific and 'key "method"' in text:
+            known = ", ".join(f"{_METHODS.get(n).__module__}.{_METHODS.get(n).__name__}" for n in list_methods())
+            return f"method.class_path must name a registered method class: {known}"
+        return f"{(specific or lines or [text])[-1]} (`cil run --help` lists the options)"
+    return " ".join(lines)
+
+
+def _quiet_lightning() -> None:
+    """Our own progress lines at INFO; Lightning's hardware banner and tips only when something is wrong."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # lightning 2.6 + torch 2.14, harmless
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # 0 workers is measured faster
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cil`` console script (``argv=None``) and of in-process calls (tests, notebooks)."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": run, "summarize": summarize}
     if not argv or argv[0] not in commands:
-        print("usage: cil {run,summarize} ...\n  cil run --config CONFIG.yaml [--out DIR] [--resume true]\n"
-              "  cil summarize RUN_DIR...", file=sys.stderr)
+        print(
+            "usage: cil {run,summarize} ...\n  cil run --config CONFIG.yaml [--out DIR] [--resume true]\n"
+            "  cil summarize RUN_DIR...",
+            file=sys.stderr,
+        )
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _reexec_with_tuned_malloc(argv)
+    if from_command_line:
+        _reexec_with_tuned_malloc(argv)
+    _quiet_lightning()
     try:
         return commands[argv[0]](argv[1:])
     except _USER_ERRORS as error:
         if os.environ.get("CIL_DEBUG"):
             raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        print(f"cil {argv[0]}: error: {message}", file=sys.stderr)
+        print(f"cil {argv[0]}: error: {_one_line(error)}", file=sys.stderr)
         return 1
 
 

@@ -161,7 +161,7 @@ def torchvision_dataset(name: str, root: str | os.PathLike[str], train: bool, do
             "machine with internet access)."
         )
     try:
-        return cls(str(path), train=train, download=download)  # type: ignore[no-any-return]
+        return cls(str(path), train=train, download=download)
     except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
         raise FileNotFoundError(
             f"{name}: no usable copy under {str(path)!r} ({error}). Put the dataset files there or set download: true."
@@ -187,7 +187,7 @@ def stratified_split(
     train, test = [], []
     for c in np.unique(y):
         members = rng.permutation(np.flatnonzero(y == c))
-        n_test = max(1, int(round(test_fraction * len(members))))
+        n_test = max(1, round(test_fraction * len(members)))
         test.append(members[:n_test][:test_per_class])
         train.append(members[n_test:][:train_per_class])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,9 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_trainer_factory(out: Path, trainer_kwargs: dict[str, Any] | None = None, logger: str = "csv") -> TrainerFactory:
+def make_trainer_factory(
+    out: Path, trainer_kwargs: dict[str, Any] | None = None, logger: str = "csv"
+) -> TrainerFactory:
     """A factory of fresh Trainers that log each task to ``out/logs/task_{i:03d}``.
 
     Args:
@@ -96,7 +98,9 @@ class _ImageCounter(Callback):
     def __init__(self) -> None:
         self.images = 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, i: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
         self.images += len(batch[1])
 
 
@@ -221,26 +225,31 @@ class Engine:
                 "eval_s": round(eval_s, 3),
                 "wall_s": round(fit_s + eval_s, 3),
                 "train_images": train_images,
-                "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type]
+                "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type, misc]
                 "trainable_params": method.num_trainable_parameters(),
                 "total_params": sum(p.numel() for p in method.parameters()),
             }
         )
         self._write(task)
 
-    def _predict(self, trainer: L.Trainer | None, dataset: Dataset[Any], output: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _predict(
+        self, trainer: L.Trainer | None, dataset: Dataset[Any], output: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embeddings or logits of ``dataset`` under the evaluation transform, using the trainer's device and
         precision. Returns ``(outputs [N, D or C], labels [N])`` on the CPU."""
         if trainer is None:
             raise RuntimeError("features are only available inside a task")
-        loader = make_loader(Transformed(dataset, self.eval_transform), self.data.eval_batch_size, False, self.data.num_workers)
+        loader = make_loader(
+            Transformed(dataset, self.eval_transform), self.data.eval_batch_size, False, self.data.num_workers
+        )
         self.method.predict_output = output
         try:
             batches = trainer.predict(self.method, dataloaders=loader, return_predictions=True)
         finally:
             self.method.predict_output = "logits"
-        outputs = torch.cat([b[0].float().cpu() for b in batches])  # type: ignore[index, union-attr]
-        labels = torch.cat([torch.as_tensor(b[1]).cpu() for b in batches])  # type: ignore[index, union-attr]
+        assert batches is not None  # return_predictions=True
+        outputs = torch.cat([b[0].float().cpu() for b in batches])
+        labels = torch.cat([torch.as_tensor(b[1]).cpu() for b in batches])
         return outputs, labels
 
     @torch.no_grad()
@@ -330,12 +339,15 @@ class Engine:
         path = checkpoints[-1]
         try:
             state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as error:  # noqa: BLE001 - any unreadable file gets the same advice
-            raise ValueError(f"cannot read checkpoint {str(path)!r} ({error}); delete it to resume from the one before") from error
+        except Exception as error:
+            raise ValueError(
+                f"cannot read checkpoint {str(path)!r} ({error}); delete it to resume from the one before"
+            ) from error
         if state.get("config_hash") != self.config_hash:
             changed = _changed_keys(state.get("config", {}), self.config)
             raise ValueError(
-                f"{str(path)!r} was written by a run with a different config (differs in: {', '.join(changed) or '?'}); "
+                f"{str(path)!r} was written by a run with a different config "
+                f"(differs in: {', '.join(changed) or '?'}); "
                 "resume with the original config, or start a new run with another --out"
             )
         self.method.load_cil_state(state["method"], self.stream.tasks)
@@ -357,5 +369,3 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
         elif a != b:
             changed.append(f"{prefix}{key}")
     return changed
-
-

@@ -116,11 +116,11 @@ class CILMethod(L.LightningModule):
     # ---- forward ---------------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> embeddings ``[B, D]``."""
-        return self.backbone(x)  # type: ignore[no-any-return]
+        return self.backbone(x)
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Embeddings ``[B, D]`` -> logits over the seen classes ``[B, C_seen]``."""
-        return self.head(z)  # type: ignore[no-any-return]
+        return self.head(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.embed(x))
@@ -158,11 +158,19 @@ class CILMethod(L.LightningModule):
             raise ValueError("the checkpoint's classes do not match this stream's; was it written by another run?")
         self.load_state_dict(state["weights"], strict=True)
 
-    def sgd_with_cosine(
-        self, lr: float, momentum: float, weight_decay: float, min_lr: float = 0.0
+    def optimizer_with_cosine(
+        self, name: str, lr: float, momentum: float, weight_decay: float, min_lr: float = 0.0
     ) -> dict[str, Any]:
-        """SGD over the trainable parameters with a per-step cosine schedule spanning the whole fit."""
-        optimizer = torch.optim.SGD(self.trainable_parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+        """SGD (the papers' choice) or AdamW over the trainable parameters, with a per-step cosine schedule
+        spanning the whole fit."""
+        params = self.trainable_parameters()
+        optimizer: torch.optim.Optimizer
+        if name == "sgd":
+            optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        elif name == "adamw":
+            optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        else:
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
         steps = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -83,8 +83,8 @@ def accuracy_matrix(results: pd.DataFrame, num_tasks: int | None = None) -> np.n
     """``R [T, T]`` from a results frame of one run; entries that were not evaluated are NaN."""
     size = num_tasks or int(max(results["train_task"].max(), results["eval_task"].max()) + 1)
     matrix = np.full((size, size), np.nan)
-    for row in results.itertuples():
-        matrix[int(row.train_task), int(row.eval_task)] = float(row.accuracy)
+    rows = results[["train_task", "eval_task"]].to_numpy(dtype=int)
+    matrix[rows[:, 0], rows[:, 1]] = results["accuracy"].to_numpy(dtype=float)
     return matrix
 
 
@@ -135,7 +135,9 @@ def _run_dirs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
     dirs = []
     for path in map(Path, paths):
         if not (path / "results.csv").is_file():
-            raise FileNotFoundError(f"{str(path)!r} is not a cil run directory (no results.csv); pass `cil run --out` dirs")
+            raise FileNotFoundError(
+                f"{str(path)!r} is not a cil run directory (no results.csv); pass `cil run --out` dirs"
+            )
         dirs.append(path)
     return dirs
 

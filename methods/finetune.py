@@ -27,26 +27,42 @@ class Finetune(CILMethod):
 
     Args:
         backbone: Pre-trained feature extractor (trained too).
-        lr: SGD learning rate (cosine-annealed over each task's fit).
+        lr: Learning rate (cosine-annealed over each task's fit).
         momentum: SGD momentum.
-        weight_decay: L2 penalty.
+        weight_decay: Weight decay.
+        optimizer: ``"sgd"`` (PILOT's choice for pre-trained backbones) or ``"adamw"`` (what a ViT trained from
+            scratch needs, e.g. the tiny test model).
     """
 
-    def __init__(self, backbone: Backbone, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
+    def __init__(
+        self,
+        backbone: Backbone,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        optimizer: str = "sgd",
+    ) -> None:
         super().__init__(backbone)
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
         self.head = IncrementalLinear(backbone.num_features)
 
     def configure_optimizers(self) -> Any:
-        return self.sgd_with_cosine(self.lr, self.momentum, self.weight_decay)
+        return self.optimizer_with_cosine(self.optimizer_name, self.lr, self.momentum, self.weight_decay)
 
 
 @register_method("joint")
 class Joint(Finetune):
     """Upper bound: at every task, restart from the pre-trained backbone and train on all seen tasks' data."""
 
-    def __init__(self, backbone: Backbone, lr: float = 0.01, momentum: float = 0.9, weight_decay: float = 5e-4) -> None:
-        super().__init__(backbone, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    def __init__(
+        self,
+        backbone: Backbone,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__(backbone, lr=lr, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer)
         self._pretrained = copy.deepcopy(backbone.state_dict())
 
     def before_task(self, task: Task) -> None:

@@ -37,7 +37,9 @@ def torchvision_split(
     tasks = class_incremental_split(
         train, test, base=base, increment=increment, seed=seed, order=order, class_names=names, name=dataset.lower()
     )
-    return Stream(name=dataset.lower(), tasks=tuple(tasks), metadata={"root": root, "base": base, "increment": increment})
+    return Stream(
+        name=dataset.lower(), tasks=tuple(tasks), metadata={"root": root, "base": base, "increment": increment}
+    )
 
 
 @register_stream("image_folder_split")

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny timm ViT, a tiny real-data stream, a fast CPU trainer factory."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cil.backbones import Backbone
+from cil.data import DataConfig
+from cil.engine import TrainerFactory, make_trainer_factory
+from cil.stream import Stream, build_stream
+
+TINY_VIT: dict[str, Any] = {
+    "name": "vit_tiny_patch16_224",
+    "input_size": 16,
+    "model_kwargs": {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2},
+}
+
+
+def tiny_backbone() -> Backbone:
+    return Backbone(**TINY_VIT)
+
+
+def tiny_stream(seed: int = 0, **options: Any) -> Stream:
+    """scikit-learn's 8x8 digits, 5 tasks of 2 classes, 40 train / 15 test images per class."""
+    spec = {"name": "sklearn_digits", "increment": 2, "train_per_class": 40, "test_per_class": 15, **options}
+    return build_stream(spec, seed=seed)
+
+
+# Random resized crops of 8x8 digits destroy them; the tiny stream trains without augmentation.
+TINY_DATA = DataConfig(batch_size=32, eval_batch_size=256, augment=False)
+
+
+def cpu_trainers(out: Path, **trainer: Any) -> TrainerFactory:
+    kwargs = {"accelerator": "cpu", "max_epochs": 1, "enable_progress_bar": False, "enable_model_summary": False}
+    kwargs["log_every_n_steps"] = 1
+    return make_trainer_factory(out, {**kwargs, **trainer}, logger="csv")
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")

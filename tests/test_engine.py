@@ -1,0 +1,119 @@
+"""Engine: hook order, the run directory after every task, resume, refusal to mix runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from cil.engine import Engine
+from cil.method import FeatureFn
+from cil.task import Task
+from methods.finetune import Finetune
+from tests.conftest import TINY_DATA, cpu_trainers, tiny_backbone, tiny_stream
+
+
+class RecordingMethod(Finetune):
+    """Fine-tuning that records the engine's calls (and can crash on demand)."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        super().__init__(tiny_backbone(), optimizer="adamw", lr=1e-3)
+        self.calls: list[str] = []
+        self.crash_at = crash_at
+
+    def before_task(self, task: Task) -> None:
+        self.calls.append(f"before_task:{task.index}")
+
+    def on_fit_start(self) -> None:
+        self.calls.append(f"fit:{self.task_index}")
+        if self.crash_at == self.task_index:
+            raise RuntimeError("simulated crash")
+
+    def after_task(self, task: Task, features: FeatureFn) -> None:
+        self.calls.append(f"after_task:{task.index}")
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        if not self.training and self.calls and not self.calls[-1].startswith("eval"):
+            self.calls.append(f"eval:{self.task_index}")
+        return super().classify(z)
+
+
+def run(out: Path, method: Any = None, stream: Any = None, **kwargs: Any) -> Engine:
+    engine = Engine(
+        method or RecordingMethod(),
+        stream or tiny_stream(),
+        out,
+        trainer_factory=cpu_trainers(out),
+        data=TINY_DATA,
+        seed=7,
+        config={"test": "engine"},
+        **kwargs,
+    )
+    engine.run()
+    return engine
+
+
+def test_hook_order(tmp_path: Path) -> None:
+    engine = run(tmp_path, stream=tiny_stream(increment=5))
+    assert engine.method.calls == [
+        "before_task:0", "fit:0", "after_task:0", "eval:0",
+        "before_task:1", "fit:1", "after_task:1", "eval:1",
+    ]  # fmt: skip
+
+
+def test_run_directory_contract(tmp_path: Path) -> None:
+    engine = run(tmp_path)
+    results = pd.read_csv(tmp_path / "results.csv")
+    for column in ["method", "stream", "seed", "train_task", "eval_task", "n_seen_classes", "accuracy", "n_test"]:
+        assert column in results.columns
+    assert len(results) == 5 * 6 // 2  # lower triangle of a 5x5 matrix
+    assert results.groupby("train_task")["n_seen_classes"].first().tolist() == [2, 4, 6, 8, 10]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    keys = ["avg_incremental_acc", "last_acc", "avg_forgetting", "bwt", "fwt", "wall_s", "train_images_per_s"]
+    keys += ["eval_images_per_s", "trainable_params", "total_params"]
+    assert set(keys) <= set(summary)
+    assert summary["complete"] is True
+    assert summary["trainable_params"] == sum(p.numel() for p in engine.method.parameters())
+    matrix = pd.read_csv(tmp_path / "accuracy_matrix.csv", index_col=0)
+    assert matrix.shape == (5, 5) and matrix.isna().to_numpy().sum() == 10
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"task_{i:03d}.ckpt" for i in range(5)]
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "logs" / "task_004").is_dir()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_crash_keeps_finished_tasks_and_resume_is_identical(tmp_path: Path) -> None:
+    reference = run(tmp_path / "reference")
+    crashed = tmp_path / "crashed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashed, method=RecordingMethod(crash_at=3))
+    partial = pd.read_csv(crashed / "results.csv")
+    assert sorted(partial["train_task"].unique()) == [0, 1, 2]  # finished tasks survive the crash
+    resumed = run(crashed, resume=True)
+    assert resumed.method.calls[0] == "before_task:3"  # tasks 0-2 were not redone
+    pd.testing.assert_frame_equal(pd.read_csv(crashed / "results.csv"), pd.read_csv(tmp_path / "reference/results.csv"))
+    assert reference.summary()["last_acc"] == resumed.summary()["last_acc"]
+
+
+def test_refuses_to_overwrite_and_to_resume_another_config(tmp_path: Path) -> None:
+    run(tmp_path, stream=tiny_stream(increment=5))
+    with pytest.raises(FileExistsError, match="--resume"):
+        run(tmp_path, stream=tiny_stream(increment=5))
+    engine = Engine(
+        RecordingMethod(),
+        tiny_stream(increment=5),
+        tmp_path,
+        trainer_factory=cpu_trainers(tmp_path),
+        config={"test": "another"},
+        resume=True,
+    )
+    with pytest.raises(ValueError, match="different config.*test"):
+        engine.run()
+
+
+def test_keep_checkpoints(tmp_path: Path) -> None:
+    run(tmp_path, keep_checkpoints=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["task_003.ckpt", "task_004.ckpt"]

@@ -1,0 +1,88 @@
+"""Contract test over every registered method, plus method-specific properties."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cil.engine import Engine
+from cil.method import create_method, list_methods, method_class
+from tests.conftest import TINY_DATA, cpu_trainers, tiny_backbone, tiny_stream
+
+# Epochs per task that let the tiny ViT learn digit classes from scratch; forward-only methods ignore it.
+EPOCHS = 20
+# SGD, right for pre-trained backbones, does not train a ViT from scratch in a few epochs; AdamW does.
+FROM_SCRATCH = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0}
+
+
+def from_scratch_kwargs(name: str) -> dict[str, object]:
+    accepted = inspect.signature(method_class(name)).parameters
+    return {k: v for k, v in FROM_SCRATCH.items() if k in accepted}
+
+
+@pytest.mark.parametrize("name", list_methods())
+def test_method_contract(name: str, tmp_path: Path) -> None:
+    stream = tiny_stream(increment=5, train_per_class=60)  # 2 tasks of 5 classes
+    method = create_method(name, tiny_backbone(), **from_scratch_kwargs(name))
+    engine = Engine(method, stream, tmp_path, trainer_factory=cpu_trainers(tmp_path, max_epochs=EPOCHS), seed=3, data=TINY_DATA)
+    engine.run()
+
+    # logits cover exactly the seen classes
+    x = torch.randn(4, 3, 16, 16)
+    method.eval()
+    with torch.no_grad():
+        logits = method(x)
+    assert logits.shape == (4, 10)
+    assert torch.isfinite(logits).all()
+
+    # learns: accuracy on the first task after training it is well above chance (20 % for 5 classes). The bar is
+    # modest because the tiny ViT is randomly initialised: prototype methods only get random features (~40 %).
+    results = pd.read_csv(tmp_path / "results.csv")
+    first = results.query("train_task == 0 and eval_task == 0")["accuracy"].item()
+    assert first > 35.0, f"{name} reached only {first:.1f}% on task 0 (chance 20%)"
+
+    # a checkpoint round trip gives a method with identical predictions
+    state = torch.load(tmp_path / "checkpoints" / "task_001.ckpt", weights_only=False)["method"]
+    restored = create_method(name, tiny_backbone(), **from_scratch_kwargs(name))
+    restored.load_cil_state(state, stream.tasks)
+    restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x), logits)
+    assert restored.seen_classes == list(range(10))
+
+
+def test_simplecil_final_accuracy_does_not_depend_on_class_order(tmp_path: Path) -> None:
+    """Prototypes are per-class means of a frozen model, so after the last task the same classifier exists
+    whatever order the classes came in."""
+    last = []
+    for seed in (0, 1):
+        stream = tiny_stream(seed=seed)
+        assert seed == 0 or stream[0].metadata["original_classes"] != tiny_stream(seed=0)[0].metadata["original_classes"]
+        torch.manual_seed(0)  # same random-init backbone for both orders
+        engine = Engine(create_method("simplecil", tiny_backbone()), stream, tmp_path / str(seed), seed=seed)
+        summary = engine.run()
+        last.append(summary["last_acc"])
+    assert last[0] == last[1]
+
+
+def test_finetune_forgets_and_simplecil_does_not_train(tmp_path: Path) -> None:
+    stream = tiny_stream(train_per_class=60)
+    finetune = Engine(
+        create_method("finetune", tiny_backbone(), **FROM_SCRATCH),
+        stream,
+        tmp_path / "ft",
+        trainer_factory=cpu_trainers(tmp_path / "ft", max_epochs=EPOCHS),
+        data=TINY_DATA,
+    )
+    summary = finetune.run()
+    matrix = finetune.accuracy_matrix()
+    assert matrix[0, 0] > 80.0 and matrix[-1, 0] < matrix[0, 0] - 30.0  # catastrophic forgetting of task 0
+    assert summary["avg_forgetting"] > 30.0
+    simple = create_method("simplecil", tiny_backbone())
+    assert simple.num_trainable_parameters() == 0 and not simple.needs_fit(stream[0])
+    assert np.isnan(matrix[0, 1])  # nothing is evaluated before it is trained (class-incremental)
