@@ -81,7 +81,7 @@ def test_finetune_forgets_and_simplecil_does_not_train(tmp_path: Path) -> None:
     )
     summary = finetune.run()
     matrix = finetune.accuracy_matrix()
-    assert matrix[0, 0] > 80.0 and matrix[-1, 0] < matrix[0, 0] - 30.0  # catastrophic forgetting of task 0
+    assert matrix[0, 0] > 65.0 and matrix[-1, 0] < matrix[0, 0] - 30.0  # catastrophic forgetting of task 0
     assert summary["avg_forgetting"] > 30.0
     simple = create_method("simplecil", tiny_backbone())
     assert simple.num_trainable_parameters() == 0 and not simple.needs_fit(stream[0])
