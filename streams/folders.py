@@ -50,11 +50,12 @@ def image_folder_split(
     increment: int = 10,
     seed: int | None = None,
     order: list[int] | None = None,
-    name: str = "image_folder",
+    dataset_name: str = "image_folder",
 ) -> Stream:
     """Two ``ImageFolder`` roots (``train_root/<class>/*.jpg``, ``test_root/<class>/*.jpg``) split by class.
 
     Both roots must have the same class folders (ImageNet-R / ImageNet-A as PILOT prepares them).
+    ``dataset_name`` names the stream and its tasks in the results.
     """
     train, test = image_folder(train_root), image_folder(test_root)
     train_classes, test_classes = list(train.classes), list(test.classes)  # type: ignore[attr-defined]
@@ -66,6 +67,13 @@ def image_folder_split(
             f"only in test: {only_test})"
         )
     tasks = class_incremental_split(
-        train, test, base=base, increment=increment, seed=seed, order=order, class_names=train_classes, name=name
+        train,
+        test,
+        base=base,
+        increment=increment,
+        seed=seed,
+        order=order,
+        class_names=train_classes,
+        name=dataset_name,
     )
-    return Stream(name=name, tasks=tuple(tasks), metadata={"train_root": train_root, "test_root": test_root})
+    return Stream(name=dataset_name, tasks=tuple(tasks), metadata={"train_root": train_root, "test_root": test_root})
