@@ -85,9 +85,10 @@ def test_bad_input_is_one_line_and_writes_nothing(
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cil.cli", "run", "--config", str(ROOT / "configs/experiments/quickstart_finetune.yaml"),
-            "--config", TINY, "--stream", "{name: sklearn_digits, increment: 1, train_per_class: 20, test_per_class: 10}",
-            "--method.init_args.optimizer", "adamw", "--method.init_args.lr", "0.003", *args]  # fmt: skip
+    config = str(ROOT / "configs/experiments/quickstart_finetune.yaml")
+    stream = "{name: sklearn_digits, increment: 1, train_per_class: 20, test_per_class: 10}"
+    command = [sys.executable, "-m", "cil.cli", "run", "--config", config, "--config", TINY, "--stream", stream]
+    return [*command, "--method.init_args.optimizer", "adamw", "--method.init_args.lr", "0.003", *args]
 
 
 def test_sigkill_then_resume_gives_identical_results(tmp_path: Path) -> None:

@@ -110,7 +110,7 @@ def test_refuses_to_overwrite_and_to_resume_another_config(tmp_path: Path) -> No
         config={"test": "another"},
         resume=True,
     )
-    with pytest.raises(ValueError, match="different config.*test"):
+    with pytest.raises(ValueError, match=r"different config.*test"):
         engine.run()
 
 
