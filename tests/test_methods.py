@@ -29,7 +29,9 @@ def from_scratch_kwargs(name: str) -> dict[str, object]:
 def test_method_contract(name: str, tmp_path: Path) -> None:
     stream = tiny_stream(increment=5, train_per_class=60)  # 2 tasks of 5 classes
     method = create_method(name, tiny_backbone(), **from_scratch_kwargs(name))
-    engine = Engine(method, stream, tmp_path, trainer_factory=cpu_trainers(tmp_path, max_epochs=EPOCHS), seed=3, data=TINY_DATA)
+    engine = Engine(
+        method, stream, tmp_path, trainer_factory=cpu_trainers(tmp_path, max_epochs=EPOCHS), seed=3, data=TINY_DATA
+    )
     engine.run()
 
     # logits cover exactly the seen classes
@@ -62,7 +64,9 @@ def test_simplecil_final_accuracy_does_not_depend_on_class_order(tmp_path: Path)
     last = []
     for seed in (0, 1):
         stream = tiny_stream(seed=seed)
-        assert seed == 0 or stream[0].metadata["original_classes"] != tiny_stream(seed=0)[0].metadata["original_classes"]
+        assert (
+            seed == 0 or stream[0].metadata["original_classes"] != tiny_stream(seed=0)[0].metadata["original_classes"]
+        )
         torch.manual_seed(0)  # same random-init backbone for both orders
         engine = Engine(create_method("simplecil", tiny_backbone()), stream, tmp_path / str(seed), seed=seed)
         summary = engine.run()
