@@ -13,7 +13,7 @@ Worked example (3 tasks, 100 test images each)::
     seen_accuracy       = [90, 75, 73.33]     # accuracy on the union of seen tasks' test images, per step
     avg_incremental_acc = 79.44                # mean of seen_accuracy (PILOT / MOS report this as A-bar)
     last_acc            = 73.33                # seen_accuracy[-1]
-    avg_forgetting      = 12.5                 # ((90 - 60) + (80 - 75)) / 2  -> mean over tasks 0..T-2
+    avg_forgetting      = 17.5                 # ((90 - 60) + (80 - 75)) / 2  -> mean over tasks 0..T-2
     bwt                 = -17.5                # ((60 - 90) + (75 - 80)) / 2
     old_new             = old: [nan, 70, 67.5], new: [90, 80, 85]
 

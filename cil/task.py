@@ -155,9 +155,16 @@ def class_incremental_split(
     """
     y_train = np.asarray(train_targets, dtype=np.int64) if train_targets is not None else dataset_targets(train)
     y_test = np.asarray(test_targets, dtype=np.int64) if test_targets is not None else dataset_targets(test)
-    missing_in_test = sorted(set(np.unique(y_train).tolist()) - set(np.unique(y_test).tolist()))
-    if missing_in_test:
-        raise ValueError(f"{name}: classes {missing_in_test} have training images but no test images")
+    train_classes, test_classes = set(np.unique(y_train).tolist()), set(np.unique(y_test).tolist())
+    if train_classes - test_classes:
+        raise ValueError(
+            f"{name}: classes {sorted(train_classes - test_classes)} have training images but no test images"
+        )
+    if test_classes - train_classes:
+        raise ValueError(
+            f"{name}: classes {sorted(test_classes - train_classes)} have test images but no training images, so no "
+            "task could learn them; drop them from the test set or add training images"
+        )
     ordered = class_order(np.unique(y_train).tolist(), seed=seed, order=order)
     label_map = {original: new for new, original in enumerate(ordered)}
     sizes = _task_sizes(len(ordered), base, increment)
