@@ -1,0 +1,97 @@
+"""Parameter-efficient modules injected into timm Vision Transformers (never a forked ``vision_transformer.py``).
+
+``inject(model, kind, layers=None, **hp)`` wraps submodules of the chosen blocks in place and returns the injected
+modules; :func:`peft_parameters` lists their trainable parameters and :func:`freeze_except_peft` freezes the rest.
+Kinds: ``adapter``, ``lora``, ``prefix``, ``vpt_shallow``, ``vpt_deep``, ``ssf``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from torch import nn
+
+from cil.layers._adapter import Adapter, MLPWithAdapter, inject_adapter
+from cil.layers._base import PEFTModule, select_blocks, unwrap, vit_blocks
+from cil.layers._lora import LoRALinear, inject_lora
+from cil.layers._prompt import PrefixAttention, PromptedBlock, inject_prefix, inject_vpt
+from cil.layers._ssf import ScaleShift, inject_ssf
+
+__all__ = [
+    "PEFT_KINDS",
+    "Adapter",
+    "LoRALinear",
+    "MLPWithAdapter",
+    "PEFTModule",
+    "PrefixAttention",
+    "PromptedBlock",
+    "ScaleShift",
+    "freeze_except_peft",
+    "inject",
+    "merge_lora",
+    "peft_modules",
+    "peft_parameters",
+    "unwrap",
+]
+
+PEFT_KINDS: dict[str, Callable[..., list[PEFTModule]]] = {
+    "adapter": inject_adapter,
+    "lora": inject_lora,
+    "prefix": inject_prefix,
+    "vpt_shallow": lambda model, blocks, **hp: inject_vpt(model, blocks, deep=False, **hp),
+    "vpt_deep": lambda model, blocks, **hp: inject_vpt(model, blocks, deep=True, **hp),
+    "ssf": inject_ssf,
+}
+
+
+def inject(model: nn.Module, kind: str, layers: Sequence[int] | None = None, **hp: Any) -> list[PEFTModule]:
+    """Injects PEFT modules of ``kind`` into the blocks ``layers`` (default: all) of a timm ViT, in place.
+
+    ``model`` may be a timm ``VisionTransformer`` or any module holding one as ``.model`` (``cil.Backbone``).
+    """
+    if kind not in PEFT_KINDS:
+        raise KeyError(f"unknown PEFT kind {kind!r}; choose from {sorted(PEFT_KINDS)}")
+    vit = getattr(model, "model", model)
+    vit_blocks(vit)
+    injected = PEFT_KINDS[kind](vit, select_blocks(vit, layers), **hp)
+    for module in injected:  # new modules start in training mode; follow the model's (dropout!)
+        module.train(vit.training)
+    return injected
+
+
+def peft_modules(model: nn.Module) -> list[PEFTModule]:
+    """The outermost PEFT modules in ``model``."""
+    found: list[PEFTModule] = []
+    for module in model.modules():
+        if isinstance(module, PEFTModule) and not any(module in set(outer.modules()) for outer in found):
+            found.append(module)
+    return found
+
+
+def peft_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    """The injected modules' own parameters (never the wrapped pre-trained weights)."""
+    seen: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, PEFTModule):
+            for parameter in module.own_parameters():
+                if id(parameter) not in seen:
+                    seen.add(id(parameter))
+                    yield parameter
+
+
+def freeze_except_peft(model: nn.Module) -> None:
+    """Freezes every parameter of ``model`` except the injected modules' own."""
+    model.requires_grad_(False)
+    for parameter in peft_parameters(model):
+        parameter.requires_grad_(True)
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Merges every :class:`LoRALinear` update into its frozen weight; returns how many were merged."""
+    merged = 0
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.merge()
+            merged += 1
+    return merged

@@ -1,0 +1,110 @@
+"""LoRA (Hu et al., ICLR 2022) on the projections of timm ViT blocks, including q, k, v of the fused ``qkv``.
+
+timm computes q, k and v with one ``Linear(D, 3D)``; :class:`LoRALinear` adds a low-rank update to chosen row
+slices of such a layer, so LoRA can target K and V only (as LAE does) without splitting the layer. ``B`` starts
+at zero (the injected model equals the pre-trained one), ``A`` Kaiming-uniform as in the reference code, and
+:meth:`LoRALinear.merge` folds ``scale * B @ A`` into the frozen weight.
+
+``peft`` was evaluated: its LoRA wraps whole ``nn.Linear`` modules, so on timm's fused ``qkv`` it would adapt q,
+k and v together; LAE's K/V-only placement needs per-slice updates, hence these few lines.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cil.layers._base import PEFTModule, unwrap, vit_blocks
+
+_QKV_SLICES = {"q": 0, "k": 1, "v": 2}
+
+
+class LoRALinear(PEFTModule):
+    """``y = base(x) + scale * B_t A_t dropout(x)`` on each target row slice ``t`` of ``base``'s output."""
+
+    kind = "lora"
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        slices: dict[str, tuple[int, int]],
+        rank: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.slices = dict(slices)
+        self.rank = rank
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for name, (start, stop) in self.slices.items():
+            a = torch.empty(rank, base.in_features)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A[name] = nn.Parameter(a)  # [r, D_in]
+            self.lora_B[name] = nn.Parameter(torch.zeros(stop - start, rank))  # [D_slice, r]
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """The low-rank update as a full ``[D_out, D_in]`` matrix."""
+        delta = self.base.weight.new_zeros(self.base.weight.shape)
+        for name, (start, stop) in self.slices.items():
+            delta[start:stop] = self.lora_B[name] @ self.lora_A[name] * self.scale
+        return delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)  # [..., D_out]
+        if self.merged:
+            return out
+        h = self.dropout(x)
+        updates = [out]
+        for name, (start, stop) in self.slices.items():
+            update = F.linear(F.linear(h, self.lora_A[name]), self.lora_B[name]) * self.scale  # [..., D_slice]
+            updates.append(F.pad(update, (start, out.shape[-1] - stop)))
+        return torch.stack(updates).sum(0)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the update into the frozen weight (exact up to float rounding) and resets it to zero, so the
+        module can keep training a fresh update on top (as rank-selective LoRA does after every task)."""
+        self.base.weight += self.delta_weight()
+        for name in self.slices:
+            self.lora_B[name].zero_()
+
+
+def inject_lora(
+    model: nn.Module,
+    blocks: list[int],
+    targets: tuple[str, ...] = ("q", "v"),
+    rank: int = 8,
+    alpha: float = 8.0,
+    dropout: float = 0.0,
+) -> list[PEFTModule]:
+    """LoRA on ``targets`` of each chosen block: any of ``q``, ``k``, ``v`` (slices of ``attn.qkv``), ``proj``
+    (attention output), ``fc1``, ``fc2`` (MLP)."""
+    unknown = set(targets) - {*_QKV_SLICES, "proj", "fc1", "fc2"}
+    if unknown:
+        raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from q, k, v, proj, fc1, fc2")
+    injected: list[PEFTModule] = []
+    for index in blocks:
+        block: Any = vit_blocks(model)[index]
+        qkv_targets = [t for t in targets if t in _QKV_SLICES]
+        if qkv_targets:
+            dim = block.attn.qkv.out_features // 3
+            slices = {t: (_QKV_SLICES[t] * dim, (_QKV_SLICES[t] + 1) * dim) for t in qkv_targets}
+            block.attn.qkv = LoRALinear(block.attn.qkv, slices, rank, alpha, dropout)
+            injected.append(block.attn.qkv)
+        mlp = unwrap(block.mlp)  # the MLP itself, also when an adapter sits beside it
+        for name, parent in (("proj", block.attn), ("fc1", mlp), ("fc2", mlp)):
+            if name in targets:
+                layer = getattr(parent, name)
+                wrapped = LoRALinear(layer, {"all": (0, layer.out_features)}, rank, alpha, dropout)
+                setattr(parent, name, wrapped)
+                injected.append(wrapped)
+    return injected
