@@ -25,7 +25,7 @@ __all__ = ["Backbone", "list_offline_weights", "register_offline_weights"]
 log = logging.getLogger(__name__)
 
 OfflineWeights = Callable[[nn.Module], dict[str, torch.Tensor]]
-_OFFLINE = Registry[OfflineWeights]("offline weight source", "cil.backbones")
+_OFFLINE = Registry[OfflineWeights]("offline weight source", "cil._offline_sources")
 
 
 def register_offline_weights(name: str) -> Callable[[OfflineWeights], OfflineWeights]:
@@ -115,6 +115,12 @@ class Backbone(nn.Module):
         kwargs = dict(model_kwargs or {})
         try:
             self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            grid = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", None) or ())
+            fixed_grid = bool(grid) and not getattr(self.model, "dynamic_img_size", False)
+            if input_size and fixed_grid and grid != (input_size, input_size) and "img_size" not in kwargs:
+                # ViTs are built for one image size (position embeddings): rebuild for the requested one
+                kwargs["img_size"] = input_size
+                self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         except RuntimeError as error:
             if not timm.is_model(name):
                 raise KeyError(f"timm has no model {name!r}; see timm.list_models()") from error
@@ -134,7 +140,8 @@ class Backbone(nn.Module):
             self._load(_OFFLINE.get(offline_weights)(self.model), offline_weights)
             self.weights = offline_weights
         config = timm.data.resolve_data_config({}, model=self.model)
-        self.input_size = int(input_size or config["input_size"][-1])
+        native = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", None) or config["input_size"][1:])
+        self.input_size = int(input_size or native[-1])
         self.mean = tuple(float(v) for v in config["mean"])
         self.std = tuple(float(v) for v in config["std"])
         self.num_features: int = self.model.num_features  # type: ignore[assignment]

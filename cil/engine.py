@@ -36,9 +36,9 @@ __all__ = ["Engine", "TrainerFactory", "config_hash", "make_trainer_factory"]
 
 log = logging.getLogger(__name__)
 
-TrainerFactory = Callable[[int, Sequence[Callback]], L.Trainer]
-"""``factory(task_index, extra_callbacks) -> a fresh Trainer`` (one per task: a second ``fit`` on a used
-Trainer does not train again)."""
+TrainerFactory = Callable[[int, Sequence[Callback], dict[str, Any]], L.Trainer]
+"""``factory(task_index, extra_callbacks, overrides) -> a fresh Trainer`` (one per task: a second ``fit`` on a used
+Trainer does not train again). ``overrides`` are the method's per-task Trainer arguments (e.g. ``max_epochs``)."""
 
 # Config keys that steer the run but cannot change its results; resuming may change them.
 _RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger"}
@@ -72,7 +72,7 @@ def make_trainer_factory(
     if logger not in {"csv", "tensorboard", "none"}:
         raise ValueError(f"logger must be 'csv', 'tensorboard' or 'none', got {logger!r}")
 
-    def factory(task_index: int, callbacks: Sequence[Callback]) -> L.Trainer:
+    def factory(task_index: int, callbacks: Sequence[Callback], overrides: dict[str, Any]) -> L.Trainer:
         version = f"task_{task_index:03d}"
         task_logger: Logger | bool
         if logger == "csv":
@@ -82,7 +82,7 @@ def make_trainer_factory(
         else:
             task_logger = False
         return L.Trainer(
-            **kwargs,
+            **{**kwargs, **overrides},
             logger=task_logger,
             callbacks=[*user_callbacks, *callbacks],
             enable_checkpointing=False,
@@ -200,11 +200,13 @@ class Engine:
         log.info("task %d/%d %s: %d new classes", task.index + 1, len(self.stream), task.name, task.num_classes)
         started = time.perf_counter()
         method.begin_task(task)
+        fits = method.needs_fit(task)
+        trainable = method.num_trainable_parameters() if fits else 0  # before after_task may freeze it
         counter = _ImageCounter()
-        trainer = self.trainer_factory(task.index, [counter])
+        trainer = self.trainer_factory(task.index, [counter], method.trainer_overrides(task))
         self.features.trainer = trainer
         self.features.images = 0
-        if method.needs_fit(task):
+        if fits:
             train_data = Transformed(method.train_dataset(task, seen_tasks), self.train_transform)
             loader = make_loader(train_data, self.data.batch_size, shuffle=True, num_workers=self.data.num_workers)
             trainer.fit(method, train_dataloaders=loader)
@@ -226,7 +228,7 @@ class Engine:
                 "wall_s": round(fit_s + eval_s, 3),
                 "train_images": train_images,
                 "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type, misc]
-                "trainable_params": method.num_trainable_parameters(),
+                "trainable_params": trainable,
                 "total_params": sum(p.numel() for p in method.parameters()),
             }
         )

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["IncrementalLinear", "PrototypeHead"]
+__all__ = ["CosineLinear", "IncrementalLinear", "PrototypeHead"]
 
 
 class IncrementalLinear(nn.Module):
@@ -64,3 +64,17 @@ class PrototypeHead(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return F.normalize(z.float(), dim=-1) @ F.normalize(self.prototypes.float(), dim=-1).T  # [B, C]
+
+
+class CosineLinear(nn.Module):
+    """``sigma * cos(z, w_c)`` with a learned temperature ``sigma`` (init 1): the training head PILOT's APER / MOS
+    use while adapting the backbone on the first task."""
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        nn.init.uniform_(self.weight, -1.0 / in_features**0.5, 1.0 / in_features**0.5)
+        self.sigma = nn.Parameter(torch.ones(1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.sigma * (F.normalize(z, dim=-1) @ F.normalize(self.weight, dim=-1).T)  # [B, C]

@@ -101,6 +101,11 @@ class CILMethod(L.LightningModule):
         """Whether the engine runs the optimisation loop for ``task``; forward-only methods return False."""
         return True
 
+    def trainer_overrides(self, task: Task) -> dict[str, Any]:
+        """Trainer arguments for this task's fit that override the config's (APER adapts for 20 epochs in the
+        first task only, for example)."""
+        return {}
+
     def train_dataset(self, task: Task, seen_tasks: Sequence[Task]) -> Dataset[Any]:
         """The data ``fit`` trains on: the task's own by default; replay and joint training override this."""
         return task.train

@@ -1,0 +1,140 @@
+"""APER (ADAM): adapt the pre-trained model once, on the first task, then classify by prototypes.
+
+Zhou, Cai, Ye, Zhan, Liu. "Revisiting Class-Incremental Learning with Pre-Trained Models: Generalizability and
+Adaptivity are All You Need" (IJCV 2024; arXiv:2303.07338), Sec. 4.2.
+
+On the first task a copy of the PTM is adapted with one of {full fine-tuning, VPT-shallow, VPT-deep, SSF, adapter}
+and a cosine classifier over the first task's classes (cross-entropy, SGD, cosine schedule), then frozen. The
+embedding of an image is the concatenation of the frozen PTM's and the adapted model's features; every class's
+prototype is its mean embedding over its training images, and prediction is the cosine similarity to the
+prototypes, for every task, as in SimpleCIL.
+
+Defaults follow the authors' released configs: adapter bottleneck 64 (scale 0.1, dropout 0.1), 5 VPT tokens, SSF
+on every linear and norm layer of the blocks, 20 epochs, SGD lr 0.01 momentum 0.9, weight decay 5e-4, batch 48
+(``data.batch_size`` in the configs). Departures: the adapter reads the normalised tokens, as in AdaptFormer's
+paper (PILOT's code feeds it the residual stream), and on LayerScale models (DINOv2) it is added after LayerScale.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cil.backbones import Backbone
+from cil.heads import CosineLinear, PrototypeHead
+from cil.layers import freeze_except_peft, inject
+from cil.method import CILMethod, FeatureFn, register_method
+from cil.task import Task
+
+_PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "adapter": {"bottleneck": 64, "scale": 0.1, "dropout": 0.1},
+    "vpt_shallow": {"num_tokens": 5},
+    "vpt_deep": {"num_tokens": 5},
+    "ssf": {"init_std": 0.02},
+    "finetune": {},
+}
+
+
+class APER(CILMethod):
+    """Adapt on task 0 (``adapt`` in adapter / vpt_shallow / vpt_deep / ssf / finetune), prototypes throughout.
+
+    Args:
+        backbone: The pre-trained model; stays frozen, and a copy of it is adapted.
+        adapt: How to adapt the copy on the first task.
+        epochs: Epochs of first-task adaptation.
+        lr: SGD learning rate (cosine-annealed).
+        momentum: SGD momentum.
+        weight_decay: Weight decay.
+        peft_options: Overrides of the PEFT module's hyper-parameters (e.g. ``{"bottleneck": 16}``).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        adapt: str = "adapter",
+        epochs: int = 20,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        peft_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(backbone)
+        if adapt not in _PEFT_DEFAULTS:
+            raise ValueError(f"adapt must be one of {sorted(_PEFT_DEFAULTS)}, got {adapt!r}")
+        self.adapt, self.epochs, self.lr, self.momentum, self.weight_decay = adapt, epochs, lr, momentum, weight_decay
+        self.backbone.requires_grad_(False)
+        self.adapted = copy.deepcopy(backbone)
+        if adapt != "finetune":
+            inject(self.adapted, adapt, **{**_PEFT_DEFAULTS[adapt], **(peft_options or {})})
+            freeze_except_peft(self.adapted)
+        else:
+            self.adapted.requires_grad_(True)
+        self.train_head: CosineLinear | None = None
+        self.head = PrototypeHead(2 * backbone.num_features)
+        self.register_buffer("adaptation_done", torch.tensor(False))
+
+    @property
+    def embedding_frozen(self) -> bool:
+        return bool(self.adaptation_done)
+
+    def needs_fit(self, task: Task) -> bool:
+        return task.index == 0
+
+    def trainer_overrides(self, task: Task) -> dict[str, Any]:
+        return {"max_epochs": self.epochs}
+
+    def before_task(self, task: Task) -> None:
+        if task.index == 0:
+            self.train_head = CosineLinear(self.backbone.num_features, task.num_classes).to(self.device)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        assert self.train_head is not None
+        x, y = batch
+        logits = self.train_head(self.adapted(x))  # [B, C_task0]; labels of task 0 are 0..C-1
+        loss = F.cross_entropy(logits, y)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", (logits.argmax(1) == y).float().mean() * 100, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return self.optimizer_with_cosine("sgd", self.lr, self.momentum, self.weight_decay)
+
+    def after_task(self, task: Task, features: FeatureFn) -> None:
+        if task.index == 0:
+            self.adapted.requires_grad_(False)
+            self.train_head = None  # only needed to adapt; prototypes classify from here on
+            self.adaptation_done.fill_(True)
+        embeddings, labels = features(task.train)  # [N, 2D]
+        self.head.set_prototypes(embeddings, labels, list(task.classes))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.backbone(x), self.adapted(x)], dim=-1)  # [B, 2D]
+
+
+def _variant(name: str, adapt: str) -> type[APER]:
+    """A registered APER subclass with ``adapt`` fixed, so configs name the variant by class."""
+
+    def __init__(  # noqa: N807 - becomes the subclass's __init__
+        self: APER,
+        backbone: Backbone,
+        epochs: int = 20,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        peft_options: dict[str, Any] | None = None,
+    ) -> None:
+        APER.__init__(self, backbone, adapt, epochs, lr, momentum, weight_decay, peft_options)
+
+    cls = type(name, (APER,), {"__init__": __init__, "__doc__": f"APER adapted with {adapt} on the first task."})
+    cls.__module__ = __name__
+    return register_method(f"aper_{adapt}")(cls)
+
+
+APERAdapter = _variant("APERAdapter", "adapter")
+APERVPTShallow = _variant("APERVPTShallow", "vpt_shallow")
+APERVPTDeep = _variant("APERVPTDeep", "vpt_deep")
+APERSSF = _variant("APERSSF", "ssf")
+APERFinetune = _variant("APERFinetune", "finetune")
