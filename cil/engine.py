@@ -230,8 +230,10 @@ class Engine:
                 "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type, misc]
                 "trainable_params": trainable,
                 "total_params": sum(p.numel() for p in method.parameters()),
+                **method.task_info,
             }
         )
+        method.task_info = {}
         self._write(task)
 
     def _predict(

@@ -72,6 +72,7 @@ class CILMethod(L.LightningModule):
         self.new_classes: list[int] = []
         self.task_index = -1
         self.predict_output = "logits"  # the engine switches this to "embedding" for feature extraction
+        self.task_info: dict[str, float] = {}  # method-specific facts about the last task, saved in tasks.csv
 
     # ---- structure -------------------------------------------------------------------------------------------
     def begin_task(self, task: Task) -> None:

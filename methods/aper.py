@@ -108,6 +108,9 @@ class APER(CILMethod):
             self.train_head = None  # only needed to adapt; prototypes classify from here on
             self.adaptation_done.fill_(True)
         embeddings, labels = features(task.train)  # [N, 2D]
+        if task.index == 0:  # how far adaptation moved the embedding away from the PTM's (0 = not at all)
+            ptm, adapted = embeddings.chunk(2, dim=-1)  # [N, D] each
+            self.task_info["adapted_vs_ptm_cosine"] = float(F.cosine_similarity(ptm, adapted, dim=-1).mean())
         self.head.set_prototypes(embeddings, labels, list(task.classes))
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
