@@ -4,7 +4,8 @@
 
 Rows: SimpleCIL with the pre-trained EfficientNet-Lite0 and with random init, finetune (lower bound) and joint
 (upper bound), all on the quickstart stream (Animal-MNIST B0-Inc2, 400 train / 100 test images per class, 128 px).
-``--ablation`` adds SimpleCIL at 224 px and on the full data, to show what the quickstart's size choices cost.
+``--ablation`` adds SimpleCIL at 224 px and on the full data, to show what the quickstart's size choices cost
+(``--ablation-only``: just those and the quickstart row).
 Every row is a fresh `cil run` process, timed end to end (start-up included).
 """
 
@@ -38,9 +39,12 @@ ABLATION = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench")
-    parser.add_argument("--ablation", action="store_true")
+    parser.add_argument("--ablation", action="store_true", help="add the resolution / subset rows")
+    parser.add_argument("--ablation-only", action="store_true", help="only the quickstart row and the ablation rows")
     options = parser.parse_args()
-    rows = {**ROWS, **(ABLATION if options.ablation else {})}
+    rows = {**ROWS, **(ABLATION if options.ablation or options.ablation_only else {})}
+    if options.ablation_only:
+        rows = {label: args for label, args in rows.items() if label == "simplecil (pre-trained)" or label in ABLATION}
     lines = [
         "| run | A-bar (%) | A_last (%) | forgetting | trainable params | cil run wall (s) | engine wall (s) |",
         "|---|---|---|---|---|---|---|",
