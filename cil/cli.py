@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from cil.backbones import Backbone
 from cil.data import DataConfig
 from cil.engine import Engine, make_trainer_factory
-from cil.method import _METHODS, CILMethod, list_methods
+from cil.method import _METHODS, CILMethod, list_methods, method_registry_name
 from cil.results import accuracy_matrix, load_runs, load_summaries
 from cil.stream import build_stream
 
@@ -95,7 +95,7 @@ def run(args: list[str]) -> int:
     config = _resolved_config(cli)
     seed = int(config["seed_everything"])
     method = cli.config_init["method"]
-    config["method_name"] = _METHODS.name_of(method) or type(method).__name__.lower()
+    config["method_name"] = method_registry_name(method) or type(method).__name__.lower()
     stream = build_stream(config["stream"], seed=seed)
     out = Path(cli.config["out"])
     trainer_kwargs = dict(cli.config_init["trainer"])

@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import Dataset
 
 from cil.data import DataConfig, Transformed, build_transform, make_loader
-from cil.method import CILMethod
+from cil.method import CILMethod, method_registry_name
 from cil.metrics import TaskAccuracy
 from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atomic_write_text, summarize
 from cil.stream import Stream
@@ -165,7 +165,8 @@ class Engine:
         self.resume = resume
         self.keep_checkpoints = keep_checkpoints
         self.config_hash = config_hash(self.config)
-        self.method_name = str(self.config.get("method_name") or type(method).__name__.lower())
+        registered = method_registry_name(method)
+        self.method_name = str(self.config.get("method_name") or registered or type(method).__name__.lower())
         self.results: list[dict[str, Any]] = []
         self.task_costs: list[dict[str, Any]] = []
         self.features = _FeatureCache(self)

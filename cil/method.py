@@ -47,6 +47,11 @@ def method_class(name: str) -> type[CILMethod]:
     return _METHODS.get(name)
 
 
+def method_registry_name(method: CILMethod) -> str | None:
+    """The name ``method``'s class is registered under, if any."""
+    return _METHODS.name_of(method)
+
+
 def create_method(name: str, backbone: Backbone, **kwargs: Any) -> CILMethod:
     return _METHODS.get(name)(backbone=backbone, **kwargs)
 

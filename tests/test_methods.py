@@ -46,6 +46,7 @@ def test_method_contract(name: str, tmp_path: Path) -> None:
     # learns: accuracy on the first task after training it is well above chance (20 % for 5 classes). The bar is
     # modest because the tiny ViT is randomly initialised: prototype methods only get random features (~40 %).
     results = pd.read_csv(tmp_path / "results.csv")
+    assert (results["method"] == name).all()  # rows carry the registry name, also through the Python API
     first = results.query("train_task == 0 and eval_task == 0")["accuracy"].item()
     assert first > 35.0, f"{name} reached only {first:.1f}% on task 0 (chance 20%)"
 
