@@ -11,13 +11,11 @@ the first task's training images (1.0 = adaptation did not change the embedding)
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pandas as pd
+from _runs import fresh_run  # benchmarks/ is on sys.path when a script in it runs
 
 ROWS = ["simplecil_vit", "aper_adapter", "aper_vpt_shallow", "aper_vpt_deep", "aper_ssf", "aper_finetune"]
 
@@ -33,11 +31,7 @@ def main() -> None:
     ]
     for name in options.rows:
         out = Path(options.out) / name
-        shutil.rmtree(out, ignore_errors=True)
-        config = f"configs/experiments/{name}_offline.yaml"
-        command = ["cil", "run", "--config", config, "--out", str(out), "--trainer.enable_progress_bar", "false"]
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        summary = json.loads((out / "summary.json").read_text())
+        summary, _ = fresh_run(f"configs/experiments/{name}_offline.yaml", [], out)
         tasks = pd.read_csv(out / "tasks.csv")
         cosine = tasks["adapted_vs_ptm_cosine"].iloc[0] if "adapted_vs_ptm_cosine" in tasks else float("nan")
         lines.append(

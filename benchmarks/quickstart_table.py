@@ -12,12 +12,10 @@ Every row is a fresh `cil run` process, timed end to end (start-up included).
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _runs import fresh_run  # benchmarks/ is on sys.path when a script in it runs
 
 QUICKSTART = "configs/experiments/quickstart.yaml"
 ROWS = {
@@ -50,23 +48,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for i, (label, args) in enumerate(rows.items()):
-        out = Path(options.out) / f"row{i}"
-        shutil.rmtree(out, ignore_errors=True)
-        command = [
-            "cil",
-            "run",
-            "--config",
-            args[0],
-            *args[1:],
-            "--out",
-            str(out),
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-        started = time.perf_counter()
-        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        wall = time.perf_counter() - started
-        s = json.loads((out / "summary.json").read_text())
+        s, wall = fresh_run(args[0], args[1:], Path(options.out) / f"row{i}")
         lines.append(
             f"| {label} | {s['avg_incremental_acc']:.2f} | {s['last_acc']:.2f} | {s['avg_forgetting']:.2f} "
             f"| {s['trainable_params']:,} | {wall:.1f} | {s['wall_s']:.1f} |"

@@ -114,13 +114,10 @@ class Backbone(nn.Module):
         self.weights = "random"
         kwargs = dict(model_kwargs or {})
         try:
-            self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-            grid = tuple(getattr(getattr(self.model, "patch_embed", None), "img_size", None) or ())
-            fixed_grid = bool(grid) and not getattr(self.model, "dynamic_img_size", False)
-            if input_size and fixed_grid and grid != (input_size, input_size) and "img_size" not in kwargs:
-                # ViTs are built for one image size (position embeddings): rebuild for the requested one
+            if input_size and "img_size" not in kwargs and _fixed_grid(name, kwargs) not in (None, input_size):
+                # ViTs are built for one image size (position embeddings): build for the requested one
                 kwargs["img_size"] = input_size
-                self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            self.model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         except RuntimeError as error:
             if not timm.is_model(name):
                 raise KeyError(f"timm has no model {name!r}; see timm.list_models()") from error
@@ -163,6 +160,17 @@ class Backbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name}, weights={self.weights}, input_size={self.input_size}"
+
+
+def _fixed_grid(name: str, kwargs: dict[str, Any]) -> int | None:
+    """The image size a ViT-style model is built for (None for models that take any size), read from a
+    weightless copy on the meta device so that the real model and its weights are created only once."""
+    with torch.device("meta"):
+        probe = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    grid = getattr(getattr(probe, "patch_embed", None), "img_size", None)
+    if grid is None or getattr(probe, "dynamic_img_size", False):
+        return None
+    return int(grid[-1])
 
 
 def _is_head_key(model: nn.Module, key: str) -> bool:

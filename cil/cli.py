@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from cil.backbones import Backbone
 from cil.data import DataConfig
 from cil.engine import Engine, make_trainer_factory
-from cil.method import _METHODS, CILMethod, list_methods, method_registry_name
+from cil.method import CILMethod, list_methods, method_class, method_registry_name
 from cil.results import accuracy_matrix, load_runs, load_summaries
 from cil.stream import build_stream
 
@@ -159,7 +159,8 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, argparse.ArgumentError):
         specific = [line for line in lines if any(marker in line for marker in _SPECIFIC_PARSER_ERRORS)]
         if not specific and 'key "method"' in text:
-            known = ", ".join(f"{_METHODS.get(n).__module__}.{_METHODS.get(n).__name__}" for n in list_methods())
+            classes = [method_class(name) for name in list_methods()]
+            known = ", ".join(f"{cls.__module__}.{cls.__name__}" for cls in classes)
             return f"method.class_path must name a registered method class: {known}"
         return f"{(specific or lines or [text])[-1]} (`cil run --help` lists the options)"
     return " ".join(lines)
