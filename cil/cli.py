@@ -1,8 +1,10 @@
-"""The ``cil`` command line: ``cil run`` (LightningCLI-based) and ``cil summarize``.
+"""The ``cil`` command line: ``cil run`` (LightningCLI-based), ``cil summarize``, ``cil table`` and ``cil plot``.
 
 ``cil run --config configs/experiments/quickstart.yaml [--out DIR] [--resume] [--trainer.max_epochs 3] ...``
 takes the trainer, backbone, method, stream and data settings from YAML and dotted overrides
-(``--print_config`` shows the resolved config). The run seed is LightningCLI's ``--seed_everything``.
+(``--print_config`` shows the resolved config). The run seed is LightningCLI's ``--seed_everything``;
+``--seeds 1993 1994 1995`` runs the experiment once per seed into ``OUT/seed_<seed>``, skipping finished seeds and
+resuming interrupted ones.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class CILCLI(LightningCLI):
         parser.add_argument("--resume", type=bool, default=False, help="continue the run in --out")
         parser.add_argument("--logger", type=str, default="csv", help="csv | tensorboard | none")
         parser.add_argument("--keep_checkpoints", type=int, default=0, help="keep the newest N checkpoints (0: all)")
+        parser.add_argument(
+            "--reported",
+            type=dict[str, Any] | None,
+            default=None,
+            help="the paper's numbers for this config ({source: ..., avg_incremental_acc: ...}), for cil table",
+        )
 
     def instantiate_classes(self) -> None:
         self.config_init = self.parser.instantiate(self.config)
@@ -91,13 +99,58 @@ def _parse(args: list[str]) -> CILCLI:
 
 
 def run(args: list[str]) -> int:
+    seeds, args = _pop_seeds(args)
+    if not seeds:
+        return _run_one(args)
+    for seed in seeds:
+        _run_one([*args, "--seed_everything", str(seed)], sweep_seed=seed)
+    return 0
+
+
+def _pop_seeds(args: list[str]) -> tuple[list[int], list[str]]:
+    """Takes ``--seeds S1 S2 ...`` (or ``--seeds=S1,S2``) out of the arguments."""
+    rest: list[str] = []
+    seeds: list[str] = []
+    position = 0
+    while position < len(args):
+        arg = args[position]
+        if arg == "--seeds":
+            position += 1
+            while position < len(args) and not args[position].startswith("--"):
+                seeds.extend(args[position].split(","))
+                position += 1
+            continue
+        if arg.startswith("--seeds="):
+            seeds.extend(arg.split("=", 1)[1].split(","))
+        else:
+            rest.append(arg)
+        position += 1
+    try:
+        parsed = [int(seed) for seed in seeds if seed]
+    except ValueError:
+        raise ValueError(f"seeds must be integers (--seeds 1993 1994), got {' '.join(seeds)!r}") from None
+    if "--seeds" in args and not parsed:
+        raise ValueError("no seed after --seeds; give at least one, e.g. --seeds 1993 1994 1995")
+    if len(set(parsed)) != len(parsed):
+        raise ValueError(f"a seed appears twice in --seeds: {parsed}")
+    return parsed, rest
+
+
+def _run_one(args: list[str], sweep_seed: int | None = None) -> int:
     cli = _parse(args)
     config = _resolved_config(cli)
     seed = int(config["seed_everything"])
+    out = Path(cli.config["out"])
+    resume = bool(cli.config["resume"])
+    if sweep_seed is not None:  # one directory per seed; finished seeds are skipped, interrupted ones resumed
+        out = out / f"seed_{sweep_seed}"
+        config["out"], resume = str(out), True
+        if _complete(out):
+            log.info("seed %d: %s is complete, skipping it", sweep_seed, out)
+            return 0
     method = cli.config_init["method"]
     config["method_name"] = method_registry_name(method) or type(method).__name__.lower()
     stream = build_stream(config["stream"], seed=seed)
-    out = Path(cli.config["out"])
     trainer_kwargs = dict(cli.config_init["trainer"])
     trainer_kwargs.pop("logger", None)
     engine = Engine(
@@ -108,7 +161,7 @@ def run(args: list[str]) -> int:
         data=cli.config_init["data"],
         seed=seed,
         config=config,
-        resume=bool(cli.config["resume"]),
+        resume=resume,
         keep_checkpoints=int(cli.config["keep_checkpoints"]),
     )
     summary = engine.run()
@@ -118,6 +171,11 @@ def run(args: list[str]) -> int:
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
     print(f"\nRun directory: {out}")
     return 0
+
+
+def _complete(out: Path) -> bool:
+    summary = out / "summary.json"
+    return summary.is_file() and bool(json.loads(summary.read_text()).get("complete"))
 
 
 def _format_matrix(engine: Engine) -> str:
@@ -139,6 +197,74 @@ def summarize(args: list[str]) -> int:
     table = table[[c for c in columns if c in table.columns]]
     print(table.to_csv(index=False) if options.format == "csv" else table.to_string(index=False))
     load_runs(options.runs)  # validates that every results.csv is readable
+    return 0
+
+
+def table(args: list[str]) -> int:
+    from cil.tables import METRICS, TableSpec, aggregate, render
+
+    parser = argparse.ArgumentParser(
+        prog="cil table",
+        description="Mean ± std over seeds of finished runs, best per column in bold, in a paper's layout.",
+    )
+    parser.add_argument("runs", nargs="+", help="run directories, or folders holding them (e.g. a sweep's root)")
+    parser.add_argument("--rows", nargs="+", default=["method"], help="summary or config.* keys (default: method)")
+    parser.add_argument("--cols", nargs="*", default=["stream"], help="column groups (default: stream)")
+    parser.add_argument(
+        "--metrics", nargs="+", default=["avg_incremental_acc", "last_acc"], help=f"any of {', '.join(METRICS)}"
+    )
+    parser.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
+    parser.add_argument("--decimals", type=int, default=2)
+    parser.add_argument("--compare-paper", action="store_true", help="add the paper's numbers (configs' reported:)")
+    parser.add_argument("--include-incomplete", action="store_true", help="also average runs that did not finish")
+    options = parser.parse_args(args)
+    summaries = load_summaries(options.runs, with_config=True)
+    if not options.include_incomplete:
+        unfinished = summaries[~summaries["complete"].astype(bool)]
+        for run_dir in unfinished["run"]:
+            print(f"cil table: skipping unfinished run {run_dir} (--include-incomplete keeps it)", file=sys.stderr)
+        summaries = summaries[summaries["complete"].astype(bool)]
+        if summaries.empty:
+            raise ValueError("no finished run among the given directories (--include-incomplete to use them anyway)")
+    spec = TableSpec(rows=options.rows, cols=options.cols, metrics=options.metrics)
+    print(
+        render(aggregate(summaries, spec, compare_paper=options.compare_paper), spec, options.format, options.decimals)
+    )
+    return 0
+
+
+def plot(args: list[str]) -> int:
+    from cil import plots
+
+    kinds = {
+        "overview": None,
+        "seen": plots.seen_accuracy_curves,
+        "forgetting": plots.forgetting_curves,
+        "heatmap": plots.accuracy_heatmap,
+        "old_new": plots.old_new_accuracy,
+    }
+    parser = argparse.ArgumentParser(prog="cil plot", description="Figures of one or more runs, saved to a file.")
+    parser.add_argument("runs", nargs="+", help="run directories, or folders holding them")
+    parser.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
+    parser.add_argument("--kind", choices=list(kinds), default="overview")
+    parser.add_argument("--label", default="method", help="what one line of the 'seen' curves stands for")
+    parser.add_argument("--dpi", type=int, default=150)
+    options = parser.parse_args(args)
+    from matplotlib.figure import Figure
+
+    runs = load_runs(options.runs)
+    if options.kind == "overview":
+        figure = plots.overview(runs, label=options.label)
+    else:
+        figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+        ax = figure.subplots()
+        if options.kind == "seen":
+            plots.seen_accuracy_curves(runs, label=options.label, ax=ax)
+        else:
+            kinds[options.kind](runs[runs["run"] == runs["run"].iloc[0]], ax=ax)  # type: ignore[misc]
+    Path(options.out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(options.out, dpi=options.dpi)
+    print(options.out)
     return 0
 
 
@@ -179,11 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cil`` console script (``argv=None``) and of in-process calls (tests, notebooks)."""
     from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"run": run, "summarize": summarize}
+    commands = {"run": run, "summarize": summarize, "table": table, "plot": plot}
     if not argv or argv[0] not in commands:
         print(
-            "usage: cil {run,summarize} ...\n  cil run --config CONFIG.yaml [--out DIR] [--resume true]\n"
-            "  cil summarize RUN_DIR...",
+            "usage: cil {run,summarize,table,plot} ...\n"
+            "  cil run --config CONFIG.yaml [--out DIR] [--resume true] [--seeds 1993 1994 1995]\n"
+            "  cil summarize RUN_DIR...\n"
+            "  cil table RUN_DIR... [--rows method] [--cols stream] [--metrics ...] [--format markdown|latex|csv]\n"
+            "  cil plot RUN_DIR... --out fig.png [--kind overview|seen|forgetting|heatmap|old_new]",
             file=sys.stderr,
         )
         return 2

@@ -40,8 +40,8 @@ TrainerFactory = Callable[[int, Sequence[Callback], dict[str, Any]], L.Trainer]
 """``factory(task_index, extra_callbacks, overrides) -> a fresh Trainer`` (one per task: a second ``fit`` on a used
 Trainer does not train again). ``overrides`` are the method's per-task Trainer arguments (e.g. ``max_epochs``)."""
 
-# Config keys that steer the run but cannot change its results; resuming may change them.
-_RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger"}
+# Config keys that steer or describe the run but cannot change its results; resuming may change them.
+_RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger", "reported"}
 _TRAINER_DISPLAY_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "callbacks"}
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 
 from cil import metrics
 
@@ -33,6 +34,7 @@ __all__ = [
     "accuracy_matrix",
     "atomic_write_bytes",
     "atomic_write_text",
+    "find_runs",
     "load_runs",
     "load_summaries",
     "summarize",
@@ -131,27 +133,47 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
     }
 
 
-def _run_dirs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    dirs = []
+def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Run directories named by ``paths``: each path is a run directory or a folder searched recursively for them
+    (a sweep's root, ``runs/``), in sorted order."""
+    dirs: list[Path] = []
     for path in map(Path, paths):
-        if not (path / "results.csv").is_file():
+        if (path / "results.csv").is_file():
+            dirs.append(path)
+            continue
+        found = sorted(p.parent for p in path.rglob("results.csv")) if path.is_dir() else []
+        if not found:
             raise FileNotFoundError(
-                f"{str(path)!r} is not a cil run directory (no results.csv); pass `cil run --out` dirs"
+                f"{str(path)!r} is neither a cil run directory nor a folder holding one (no results.csv); "
+                "pass directories written by `cil run --out`"
             )
-        dirs.append(path)
-    return dirs
+        dirs.extend(found)
+    return list(dict.fromkeys(dirs))
 
 
 def load_runs(paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
     """The long results frames of several runs, stacked, with a ``run`` column naming each run directory."""
-    frames = [pd.read_csv(path / "results.csv").assign(run=str(path)) for path in _run_dirs(paths)]
+    frames = [pd.read_csv(path / "results.csv").assign(run=str(path)) for path in find_runs(paths)]
     return pd.concat(frames, ignore_index=True)
 
 
-def load_summaries(paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
-    """One row per run with its ``summary.json`` (per-step lists dropped) and a ``run`` column."""
+def load_summaries(paths: Iterable[str | os.PathLike[str]], with_config: bool = False) -> pd.DataFrame:
+    """One row per run with its ``summary.json`` (per-step lists dropped) and a ``run`` column.
+
+    ``with_config`` adds the run's resolved ``config.yaml`` flattened to dotted ``config.*`` columns
+    (``config.method.init_args.lr``), so tables can split rows by any hyper-parameter, e.g. an ablation switch.
+    """
     rows = []
-    for path in _run_dirs(paths):
+    for path in find_runs(paths):
         summary = json.loads((path / "summary.json").read_text())
-        rows.append({"run": str(path), **{k: v for k, v in summary.items() if not isinstance(v, list)}})
+        row = {"run": str(path), **{k: v for k, v in summary.items() if not isinstance(v, list)}}
+        if with_config and (path / "config.yaml").is_file():
+            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            flat = pd.json_normalize(config, sep=".").iloc[0].to_dict()
+            row.update({f"config.{key}": _hashable(value) for key, value in flat.items()})
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _hashable(value: Any) -> Any:
+    return json.dumps(value) if isinstance(value, (list, dict)) else value

@@ -1,0 +1,138 @@
+"""Figures of continual-learning runs: forgetting curves, the accuracy matrix, Ā-per-step and old-vs-new accuracy.
+
+Every function draws on a matplotlib ``Axes`` (``ax=None`` makes a new figure) and takes the long results frame
+of :func:`cil.results.load_runs`, so the same call works in a notebook and behind ``cil plot``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from cil import metrics
+from cil.results import accuracy_matrix
+
+__all__ = [
+    "accuracy_heatmap",
+    "forgetting_curves",
+    "old_new_accuracy",
+    "overview",
+    "seen_accuracy_curves",
+    "seen_accuracy_per_step",
+]
+
+
+def _axes(ax: Axes | None) -> Axes:
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt  # only here: a notebook then shows the new figure inline
+
+    return plt.subplots(figsize=(5.5, 4), layout="constrained")[1]
+
+
+def _one_run(results: pd.DataFrame) -> pd.DataFrame:
+    if "run" in results.columns and results["run"].nunique() > 1:
+        raise ValueError("this plot shows one run; select one, e.g. runs[runs.run == runs.run.iloc[0]]")
+    return results
+
+
+def _title(results: pd.DataFrame) -> str:
+    return f"{results['method'].iloc[0]} on {results['stream'].iloc[0]} (seed {results['seed'].iloc[0]})"
+
+
+def forgetting_curves(results: pd.DataFrame, ax: Axes | None = None) -> Axes:
+    """Accuracy on each task (one line per task, from the step it was learned) across the stream of one run."""
+    ax = _axes(ax)
+    results = _one_run(results)
+    R = accuracy_matrix(results)
+    steps = np.arange(R.shape[0])
+    colors = _colors(R.shape[1])
+    for task in range(R.shape[1]):
+        ax.plot(steps[task:], R[task:, task], marker="o", ms=3, color=colors[task], label=f"task {task}")
+    ax.set(xlabel="after training task", ylabel="accuracy on task (%)", title=_title(results), ylim=(0, 101))
+    ax.set_xticks(steps)
+    ax.legend(fontsize="small", ncols=2 if R.shape[1] > 6 else 1)
+    return ax
+
+
+def accuracy_heatmap(results: pd.DataFrame, ax: Axes | None = None, annotate: bool = True) -> Axes:
+    """The accuracy matrix ``R[i, j]`` of one run as an image (rows: after task i; columns: task j)."""
+    ax = _axes(ax)
+    results = _one_run(results)
+    R = accuracy_matrix(results)
+    image = ax.imshow(np.ma.masked_invalid(R), vmin=0, vmax=100, cmap="viridis")
+    ax.figure.colorbar(image, ax=ax, label="accuracy (%)")
+    if annotate and R.shape[0] <= 12:
+        for (i, j), value in np.ndenumerate(R):
+            if not np.isnan(value):
+                ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8, color="w" if value < 60 else "k")
+    ax.set(xlabel="evaluated task j", ylabel="after training task i", title=_title(results))
+    ax.set_xticks(range(R.shape[1]))
+    ax.set_yticks(range(R.shape[0]))
+    return ax
+
+
+def seen_accuracy_per_step(runs: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy on all seen classes after each step (test images pooled), one row per (run, step)."""
+    pooled = runs.groupby(["run", "method", "stream", "seed", "train_task"], sort=False)[["n_correct", "n_test"]].sum()
+    pooled["seen_accuracy"] = 100.0 * pooled["n_correct"] / pooled["n_test"]
+    return pooled.reset_index()
+
+
+def seen_accuracy_curves(runs: pd.DataFrame, label: str = "method", ax: Axes | None = None) -> Axes:
+    """Accuracy on the seen classes per step, one line per ``label`` value: mean over its runs (seeds), ± std band."""
+    ax = _axes(ax)
+    per_step = seen_accuracy_per_step(runs)
+    if label not in per_step.columns:
+        per_step = per_step.merge(runs[["run", label]].drop_duplicates(), on="run")
+    for name, group in per_step.groupby(label, sort=False):
+        curve = group.groupby("train_task")["seen_accuracy"].agg(["mean", "std", "count"])
+        n = int(curve["count"].max())
+        (line,) = ax.plot(curve.index, curve["mean"], marker="o", ms=3, label=f"{name} (n={n})" if n > 1 else name)
+        if n > 1:
+            std = curve["std"].fillna(0)
+            ax.fill_between(curve.index, curve["mean"] - std, curve["mean"] + std, color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="after training task", ylabel="accuracy on seen classes (%)", ylim=(0, 101))
+    ax.set_title("Ā is the mean of each curve")
+    ax.legend(fontsize="small")
+    return ax
+
+
+def old_new_accuracy(results: pd.DataFrame, ax: Axes | None = None) -> Axes:
+    """Accuracy on the old (earlier tasks') and the new (current task's) classes after each step of one run."""
+    ax = _axes(ax)
+    results = _one_run(results)
+    R = accuracy_matrix(results)
+    n_test = results.groupby("eval_task")["n_test"].first().reindex(range(R.shape[1])).to_numpy(dtype=float)
+    old, new = metrics.old_new_accuracy(R, n_test)
+    steps = np.arange(R.shape[0])
+    ax.plot(steps, new, marker="o", ms=3, label="new classes")
+    ax.plot(steps, old, marker="s", ms=3, label="old classes")
+    ax.set(xlabel="after training task", ylabel="accuracy (%)", title=_title(results), ylim=(0, 101))
+    ax.set_xticks(steps)
+    ax.legend(fontsize="small")
+    return ax
+
+
+def overview(runs: pd.DataFrame, label: str = "method") -> Figure:
+    """Four panels: Ā-per-step of every run group, then forgetting curves, heatmap and old/new of the first run."""
+    figure = Figure(figsize=(12, 8.5), layout="constrained")
+    axes = figure.subplots(2, 2)
+    first = runs[runs["run"] == runs["run"].iloc[0]] if "run" in runs.columns else runs
+    seen_accuracy_curves(runs, label=label, ax=axes[0, 0])
+    forgetting_curves(first, ax=axes[0, 1])
+    accuracy_heatmap(first, ax=axes[1, 0])
+    old_new_accuracy(first, ax=axes[1, 1])
+    return figure
+
+
+def _colors(count: int) -> Sequence[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis" if count > 10 else "tab10"]
+    return [cmap(i / max(count - 1, 1)) if count > 10 else cmap(i) for i in range(count)]
