@@ -8,5 +8,5 @@ seeds=(1993 1994 1995)
 for config in quickstart quickstart_finetune quickstart_joint; do
   cil run --config "configs/experiments/$config.yaml" --seeds "${seeds[@]}" --out "$root/$config" --logger none
 done
-cil table "$root" --metrics avg_incremental_acc last_acc avg_forgetting wall_s
+cil table "$root" --metrics avg_incremental_acc last_acc avg_forgetting
 cil plot "$root" --out "$root/overview.png"

@@ -2,6 +2,7 @@
 
 from methods.aper import APER, APERSSF, APERAdapter, APERFinetune, APERVPTDeep, APERVPTShallow
 from methods.finetune import Finetune, Joint
+from methods.mos import MOS
 from methods.simplecil import SimpleCIL
 
 __all__ = [
@@ -13,5 +14,6 @@ __all__ = [
     "APERVPTShallow",
     "Finetune",
     "Joint",
+    "MOS",
     "SimpleCIL",
 ]

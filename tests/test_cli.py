@@ -16,14 +16,22 @@ import pytest
 from cil.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+# configs/methods/ holds method settings to layer over a config that names the backbone and the stream.
+PARTIAL_BASE = ROOT / "configs/experiments/simplecil_vit_offline.yaml"
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def _layers(config: Path) -> list[str]:
+    partial = config.parent.name == "methods"
+    return ["--config", str(PARTIAL_BASE), "--config", str(config)] if partial else ["--config", str(config)]
+
 TINY = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main(["run", "--config", str(config), "--print_config"])
+        main(["run", *_layers(config), "--print_config"])
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "method:" in printed and "stream:" in printed and "backbone:" in printed
@@ -31,7 +39,7 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_runs_on_the_tiny_stream(config: Path, tmp_path: Path) -> None:
-    assert main(["run", "--config", str(config), "--config", TINY, "--out", str(tmp_path)]) == 0
+    assert main(["run", *_layers(config), "--config", TINY, "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["complete"] and summary["finished_tasks"] == 2
     assert (tmp_path / "config.yaml").read_text().count("sklearn_digits") == 1

@@ -1,0 +1,344 @@
+"""MOS: model surgery with task adapters, adapter merging, classifier alignment and self-refined adapter retrieval.
+
+Sun, Zhou, Zhan, Ye. "MOS: Model Surgery for Pre-Trained Model-Based Class-Incremental Learning" (AAAI 2025;
+arXiv:2412.09441). Facts (order of operations, losses, hyper-parameters) from the paper and the authors' code
+(``sun-hailong/AAAI25-MOS``, the same file as ``models/mos.py`` in LAMDA-PILOT).
+
+Per task ``t``, on a frozen PTM with an AdaptFormer adapter (bottleneck 16) in every block:
+
+1. **Train** the running adapter, warm-started from the previous task's, and a linear head over all seen classes
+   (the head at 0.1x the adapter's learning rate) with cross-entropy over the *new* classes only (old logits are
+   masked), plus the authors' auxiliary contrastive term: the batch's features against each other and against the
+   stored means of the old classes, ``CE(M M^T / 0.8, identity)`` with ``M = [old means; batch features]``,
+   weight 0.1. SGD, momentum 0.9, cosine schedule over epochs.
+2. **Adapter merging**: after every optimiser step of task ``t > 0`` the running adapter is pulled toward the mean
+   of the previous tasks' adapters, ``A <- (1 - m) A + m mean(A_0..A_{t-1})`` with ``m = merge_momentum`` (0.1),
+   so that adapters of different tasks stay compatible with one head. At the end of the task the adapter is
+   stored as task ``t``'s.
+3. **Classifier alignment** (``t > 0``): each new class's features under task ``t``'s adapter are summarised by a
+   Gaussian (mean, covariance + 1e-4 I); the head is then re-trained for 30 epochs (SGD lr 0.005, cosine) on
+   features sampled from the Gaussians of all seen classes. No image is kept.
+4. **Prototypes**: each class's mean feature under the *first* task's adapter (the authors' "original" branch),
+   classified by cosine similarity.
+5. **Self-refined adapter retrieval** at test time: the prototype prediction names a task; its adapter embeds the
+   image and the head predicts again, which names a task again; this repeats until the task stops changing or after
+   ``max_refine`` (4) head evaluations. The final scores ensemble both branches:
+   ``softmax(head logits) + softmax((t + 1) * prototype cosine)``, returned as log-probabilities.
+
+Departures from the authors' code, each deliberate:
+
+- Their merge runs in place inside the ViT's block loop, so the running adapter is pulled ~13 times per step
+  (``m_eff = 1 - 0.9^13 ~ 0.75``) and, at test time, every *stored* adapter ``t > 0`` is overwritten by the mean of
+  the adapters before it, i.e. all adapters collapse onto the first task's. We apply the paper's update once per
+  optimiser step and never modify stored adapters, so each task keeps its own adapter (``merge_momentum: 0.75``
+  reproduces their pull strength during training).
+- The adapter reads the block's normalised tokens (AdaptFormer's Eq. 3, as in our APER); theirs reads the residual
+  stream. On LayerScale ViTs (DINOv2) its output is added after LayerScale.
+- The cosine schedule of the adapter's training steps per epoch, as theirs; alignment samples
+  ``align_samples_per_class`` features per class and epoch (theirs: 5 x batch size) in batches of the same size.
+- Inputs are normalised with the backbone's mean / std (theirs feed [0, 1] pixels to a model trained on normalised
+  ones).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+from torch.nn.utils import parameters_to_vector
+
+from cil.backbones import Backbone
+from cil.heads import IncrementalLinear, PrototypeHead
+from cil.layers import freeze_except_peft, inject
+from cil.method import CILMethod, FeatureFn, register_method
+from cil.task import Task
+
+__all__ = ["MOS"]
+
+
+@register_method("mos")
+class MOS(CILMethod):
+    """MOS (see the module docstring); every part can be switched off for ablations.
+
+    Args:
+        backbone: The pre-trained ViT; frozen, adapters are injected into it.
+        epochs: Training epochs per task.
+        lr: SGD learning rate of the adapter; the head uses ``head_lr_scale * lr``.
+        head_lr_scale: The head's learning rate relative to the adapter's (authors: 0.1).
+        momentum: SGD momentum.
+        weight_decay: Weight decay (adapter, head and alignment).
+        bottleneck: Adapter bottleneck width (authors: 16).
+        adapter_scale: Adapter output scale (authors: 0.1).
+        merge_momentum: Pull toward the mean of earlier adapters after each step; 0 switches merging off.
+        orth_weight: Weight of the auxiliary contrastive term; 0 switches it off.
+        orth_temperature: Its temperature (authors: 0.8).
+        align: Re-train the head on features sampled from the classes' Gaussians after every task ``t > 0``.
+        align_epochs: Alignment epochs (authors: 30).
+        align_lr: Alignment learning rate (authors: 0.005).
+        align_samples_per_class: Sampled features per class and epoch, also the alignment batch size.
+        covariance: ``full`` (authors' default) or ``diagonal`` (their ImageNet-A setting; D floats per class).
+        retrieval: Pick each test image's adapter by self-refined retrieval; if False, every image is embedded
+            with the newest task's adapter.
+        max_refine: Head evaluations of the retrieval loop (authors: 4); 1 is one-shot retrieval from the
+            prototype prediction.
+        ensemble: Add the prototype branch's softmax to the head's (authors: on).
+        prototype_adapter: ``first`` (the first task's adapter, as the authors) or ``none`` (the plain PTM).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        epochs: int = 20,
+        lr: float = 0.03,
+        head_lr_scale: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        bottleneck: int = 16,
+        adapter_scale: float = 0.1,
+        merge_momentum: float = 0.1,
+        orth_weight: float = 0.1,
+        orth_temperature: float = 0.8,
+        align: bool = True,
+        align_epochs: int = 30,
+        align_lr: float = 0.005,
+        align_samples_per_class: int = 240,
+        covariance: str = "full",
+        retrieval: bool = True,
+        max_refine: int = 4,
+        ensemble: bool = True,
+        prototype_adapter: str = "first",
+    ) -> None:
+        super().__init__(backbone)
+        if covariance not in ("full", "diagonal"):
+            raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
+        if prototype_adapter not in ("first", "none"):
+            raise ValueError(f"prototype_adapter must be 'first' or 'none', got {prototype_adapter!r}")
+        if max_refine < 1:
+            raise ValueError(f"max_refine counts head evaluations and must be >= 1, got {max_refine}")
+        if not 0.0 <= merge_momentum <= 1.0:
+            raise ValueError(f"merge_momentum must be in [0, 1], got {merge_momentum}")
+        self.epochs, self.lr, self.head_lr_scale = epochs, lr, head_lr_scale
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.merge_momentum, self.orth_weight, self.orth_temperature = merge_momentum, orth_weight, orth_temperature
+        self.align, self.align_epochs, self.align_lr = align, align_epochs, align_lr
+        self.align_samples_per_class, self.covariance = align_samples_per_class, covariance
+        self.retrieval, self.max_refine, self.ensemble = retrieval, max_refine, ensemble
+        self.prototype_adapter = prototype_adapter
+
+        inject(self.backbone, "adapter", bottleneck=bottleneck, scale=adapter_scale, dropout=0.1)
+        freeze_except_peft(self.backbone)
+        self.adapter_names = [name for name, p in self.backbone.named_parameters() if p.requires_grad]
+        width = sum(p.numel() for p in self._adapter_params())
+        dim = backbone.num_features
+        self.head = IncrementalLinear(dim)  # trained with the adapters, then by alignment
+        self.prototypes = PrototypeHead(dim)  # cosine to class means under the prototype adapter
+        self.adapter_bank: torch.Tensor  # [T, P] every finished task's adapter, flattened
+        self.class_task: torch.Tensor  # [C] the task that introduced each class
+        self.class_means: torch.Tensor  # [C, D]
+        self.class_covs: torch.Tensor  # [C, D, D] or [C, D] (diagonal)
+        self.register_buffer("adapter_bank", torch.zeros(0, width))
+        self.register_buffer("class_task", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("class_means", torch.zeros(0, dim))
+        cov_shape = (0, dim, dim) if covariance == "full" else (0, dim)
+        self.register_buffer("class_covs", torch.zeros(cov_shape))
+        self._embed_adapter: torch.Tensor | None = None  # flattened adapter `embed` uses; None: the running one
+        self._retrieval_counts = torch.zeros(3, dtype=torch.long)  # retrieved right, first guess right, images
+
+    # ---- structure -------------------------------------------------------------------------------------------
+    def _adapter_params(self) -> list[nn.Parameter]:
+        params = dict(self.backbone.named_parameters())
+        return [params[name] for name in self.adapter_names]
+
+    def grow(self, task: Task) -> None:
+        super().grow(task)
+        self.adapter_bank = torch.cat([self.adapter_bank, self.adapter_bank.new_zeros(1, self.adapter_bank.shape[1])])
+        new = torch.full((task.num_classes,), task.index, dtype=torch.long, device=self.class_task.device)
+        self.class_task = torch.cat([self.class_task, new])
+
+    def expand_heads(self, num_new: int) -> None:
+        super().expand_heads(num_new)
+        self.prototypes.expand(num_new)
+        self.class_means = torch.cat(
+            [self.class_means, self.class_means.new_zeros(num_new, *self.class_means.shape[1:])]
+        )
+        self.class_covs = torch.cat([self.class_covs, self.class_covs.new_zeros(num_new, *self.class_covs.shape[1:])])
+
+    def trainer_overrides(self, task: Task) -> dict[str, Any]:
+        return {"max_epochs": self.epochs}
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        groups = [
+            {"params": self._adapter_params(), "lr": self.lr},
+            {"params": list(self.head.parameters()), "lr": self.lr * self.head_lr_scale},
+        ]
+        optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.epochs), eta_min=0.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        known = len(self.seen_classes) - len(self.new_classes)
+        z = self.backbone(x)  # [B, D] under the running adapter
+        logits = self.head(z)[:, known:]  # [B, C_new]: old classes' logits masked out
+        loss = F.cross_entropy(logits, y - known)
+        self.log("train/ce", loss, on_epoch=True, batch_size=len(y))
+        if self.orth_weight > 0:
+            orth = self._contrastive(z, known)
+            self.log("train/orth", orth, on_epoch=True, batch_size=len(y))
+            loss = loss + self.orth_weight * orth
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+        self.log("train/acc", (logits.argmax(1) == y - known).float().mean() * 100, on_epoch=True, batch_size=len(y))
+        return loss
+
+    def _contrastive(self, z: torch.Tensor, known: int) -> torch.Tensor:
+        """The authors' auxiliary term: every row of ``M = [old class means; z]`` must be most similar to itself."""
+        M = torch.cat([self.class_means[:known].to(z), z])  # [C_old + B, D]; the means carry no gradient
+        similarity = M @ M.T / self.orth_temperature  # [C_old + B, C_old + B]
+        return F.cross_entropy(similarity, torch.arange(len(M), device=z.device))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.task_index > 0 and self.merge_momentum > 0:
+            self._merge_toward_previous()
+
+    @torch.no_grad()
+    def _merge_toward_previous(self) -> None:
+        """``A <- (1 - m) A + m mean(A_0..A_{t-1})`` on the running adapter."""
+        mean = self.adapter_bank[: self.task_index].mean(dim=0)  # [P]
+        offset = 0
+        for param in self._adapter_params():
+            target = mean[offset : offset + param.numel()].view_as(param)
+            param.lerp_(target.to(param), self.merge_momentum)
+            offset += param.numel()
+
+    # ---- after the task --------------------------------------------------------------------------------------
+    def after_task(self, task: Task, features: FeatureFn) -> None:
+        self.adapter_bank[task.index] = parameters_to_vector(self._adapter_params()).detach()
+        embeddings, labels = features(task.train)  # [N, D] under this task's adapter
+        self._store_gaussians(embeddings, labels, list(task.classes))
+        if self.align and task.index > 0:
+            self._align_classifier()
+        if self.prototype_adapter == "first" and task.index == 0:
+            proto_embeddings = embeddings
+        else:
+            self._embed_adapter = self._prototype_vector()
+            try:
+                proto_embeddings, labels = features(task.train)
+            finally:
+                self._embed_adapter = None
+        self.prototypes.set_prototypes(proto_embeddings, labels, list(task.classes))
+        self._retrieval_counts.zero_()  # counted during the evaluation that follows
+
+    @torch.no_grad()
+    def _store_gaussians(self, embeddings: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
+        dim = embeddings.shape[1]
+        for c in classes:
+            members = embeddings[labels == c].double()  # [n_c, D]
+            if len(members) < 2:
+                raise ValueError(f"class {c} has {len(members)} training image(s); MOS needs 2 for a covariance")
+            self.class_means[c] = members.mean(0).to(self.class_means)
+            cov = torch.cov(members.T) + 1e-4 * torch.eye(dim, dtype=members.dtype)  # [D, D]
+            self.class_covs[c] = (cov if self.covariance == "full" else cov.diagonal()).to(self.class_covs)
+
+    def _align_classifier(self) -> None:
+        """Re-trains the head on features sampled from every seen class's Gaussian (no exemplars)."""
+        device = self.head.weight.device
+        num_classes, per_class = len(self.seen_classes), self.align_samples_per_class
+        means = self.class_means.to(device=device, dtype=torch.float64)  # [C, D]
+        covs = self.class_covs.to(device=device, dtype=torch.float64)
+        scale = torch.linalg.cholesky(covs) if self.covariance == "full" else covs.sqrt()  # [C, D, D] or [C, D]
+        targets = torch.arange(num_classes, device=device).repeat_interleave(per_class)  # [C * n]
+        optimizer = torch.optim.SGD(
+            self.head.parameters(), lr=self.align_lr, momentum=0.9, weight_decay=self.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.align_epochs))
+        loss = torch.tensor(float("nan"))
+        with torch.enable_grad():
+            for _ in range(self.align_epochs):
+                noise = torch.randn(num_classes, per_class, means.shape[1], device=device, dtype=torch.float64)
+                if self.covariance == "full":
+                    samples = means[:, None] + torch.einsum("cde,cne->cnd", scale, noise)  # [C, n, D]
+                else:
+                    samples = means[:, None] + scale[:, None] * noise
+                samples = samples.reshape(-1, means.shape[1]).float()
+                order = torch.randperm(len(samples), device=device)
+                for index in order.split(per_class):
+                    loss = F.cross_entropy(self.head(samples[index]), targets[index])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                scheduler.step()
+        self.task_info["align_final_loss"] = round(loss.detach().item(), 4)
+
+    def _prototype_vector(self) -> torch.Tensor:
+        if self.prototype_adapter == "first":
+            return self.adapter_bank[0]
+        return torch.zeros_like(self.adapter_bank[0])  # up-projections of zero: the plain PTM
+
+    # ---- inference -------------------------------------------------------------------------------------------
+    def _embed_with(self, x: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
+        """Features ``[B, D]`` with the flattened ``adapter`` ``[P]`` in place of the running one."""
+        tensors, offset = {}, 0
+        for name, param in zip(self.adapter_names, self._adapter_params(), strict=True):
+            tensors[name] = adapter[offset : offset + param.numel()].view_as(param).to(param)
+            offset += param.numel()
+        return functional_call(self.backbone, tensors, (x,), strict=False)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self._embed_adapter is None:
+            return self.backbone(x)
+        return self._embed_with(x, self._embed_adapter)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._predict(x)[0]
+
+    def _predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scores [B, C_seen], retrieved task [B], first-guess task [B])``."""
+        num_seen, newest = len(self.seen_classes), self.task_index
+        prototype_logits = self.prototypes(self._embed_with(x, self._prototype_vector()))  # [B, C] cosine
+        first_guess = self.class_task[prototype_logits.argmax(1)]  # [B]
+        if not self.retrieval:
+            retrieved = torch.full_like(first_guess, newest)
+            logits = self.head(self._embed_with(x, self.adapter_bank[newest]))[:, :num_seen]
+        else:
+            logits, retrieved = self._self_refine(x, first_guess)
+        scores = logits.float()
+        if self.ensemble:  # log(softmax(head) + softmax((t + 1) * cosine)): the authors' sum, kept as logits
+            scaled = prototype_logits.float() * (newest + 1)
+            scores = torch.logaddexp(F.log_softmax(scores, dim=1), F.log_softmax(scaled, dim=1))
+        return scores, retrieved, first_guess
+
+    def _self_refine(self, x: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed with the predicted task's adapter, predict again, repeat while the task changes; returns the final
+        logits ``[B, C_seen]`` and the task whose adapter produced them ``[B]`` (at the cap, the last one tried)."""
+        num_seen = len(self.seen_classes)
+        logits = x.new_zeros(len(x), num_seen, dtype=torch.float32)
+        used = task.clone()
+        todo = torch.ones_like(task, dtype=torch.bool)  # samples whose logits must be (re)computed
+        for _ in range(self.max_refine):
+            for t in task[todo].unique().tolist():
+                rows = todo & (task == t)
+                logits[rows] = self.head(self._embed_with(x[rows], self.adapter_bank[t]))[:, :num_seen].float()
+                used[rows] = t
+            proposed = self.class_task[logits.argmax(1)]
+            todo = proposed != used
+            if not todo.any():
+                break
+            task = torch.where(todo, proposed, used)
+        return logits, used
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        if self.predict_output == "embedding":
+            return self.embed(x), y
+        scores, retrieved, first_guess = self._predict(x)
+        true_task = self.class_task[y.to(self.class_task.device)]
+        counts = torch.stack([(retrieved == true_task).sum(), (first_guess == true_task).sum()]).cpu()
+        self._retrieval_counts += torch.cat([counts, torch.tensor([len(y)])])
+        right, first_right, total = self._retrieval_counts.tolist()
+        self.task_info["retrieval_acc"] = round(100.0 * right / total, 4)
+        self.task_info["first_guess_task_acc"] = round(100.0 * first_right / total, 4)
+        return scores, y
