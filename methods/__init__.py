@@ -2,18 +2,23 @@
 
 from methods.aper import APER, APERSSF, APERAdapter, APERFinetune, APERVPTDeep, APERVPTShallow
 from methods.finetune import Finetune, Joint
+from methods.lae import LAE, LAEAdapter, LAELoRA, LAEPrefix
 from methods.mos import MOS
 from methods.simplecil import SimpleCIL
 
 __all__ = [
     "APER",
     "APERSSF",
+    "LAE",
+    "MOS",
     "APERAdapter",
     "APERFinetune",
     "APERVPTDeep",
     "APERVPTShallow",
     "Finetune",
     "Joint",
-    "MOS",
+    "LAEAdapter",
+    "LAELoRA",
+    "LAEPrefix",
     "SimpleCIL",
 ]

@@ -46,13 +46,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.func import functional_call
-from torch.nn.utils import parameters_to_vector
 
 from cil.backbones import Backbone
 from cil.heads import IncrementalLinear, PrototypeHead
-from cil.layers import freeze_except_peft, inject
+from cil.layers import FlatPEFT, freeze_except_peft, inject
 from cil.method import CILMethod, FeatureFn, register_method
 from cil.task import Task
 
@@ -130,8 +127,8 @@ class MOS(CILMethod):
 
         inject(self.backbone, "adapter", bottleneck=bottleneck, scale=adapter_scale, dropout=0.1)
         freeze_except_peft(self.backbone)
-        self.adapter_names = [name for name, p in self.backbone.named_parameters() if p.requires_grad]
-        width = sum(p.numel() for p in self._adapter_params())
+        self.adapter = FlatPEFT(self.backbone)  # the running adapter, as one vector [P]
+        width = self.adapter.numel()
         dim = backbone.num_features
         self.head = IncrementalLinear(dim)  # trained with the adapters, then by alignment
         self.prototypes = PrototypeHead(dim)  # cosine to class means under the prototype adapter
@@ -148,10 +145,6 @@ class MOS(CILMethod):
         self._retrieval_counts = torch.zeros(3, dtype=torch.long)  # retrieved right, first guess right, images
 
     # ---- structure -------------------------------------------------------------------------------------------
-    def _adapter_params(self) -> list[nn.Parameter]:
-        params = dict(self.backbone.named_parameters())
-        return [params[name] for name in self.adapter_names]
-
     def grow(self, task: Task) -> None:
         super().grow(task)
         self.adapter_bank = torch.cat([self.adapter_bank, self.adapter_bank.new_zeros(1, self.adapter_bank.shape[1])])
@@ -172,7 +165,7 @@ class MOS(CILMethod):
     # ---- training --------------------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         groups = [
-            {"params": self._adapter_params(), "lr": self.lr},
+            {"params": self.adapter.parameters(), "lr": self.lr},
             {"params": list(self.head.parameters()), "lr": self.lr * self.head_lr_scale},
         ]
         optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
@@ -204,19 +197,13 @@ class MOS(CILMethod):
         if self.task_index > 0 and self.merge_momentum > 0:
             self._merge_toward_previous()
 
-    @torch.no_grad()
     def _merge_toward_previous(self) -> None:
         """``A <- (1 - m) A + m mean(A_0..A_{t-1})`` on the running adapter."""
-        mean = self.adapter_bank[: self.task_index].mean(dim=0)  # [P]
-        offset = 0
-        for param in self._adapter_params():
-            target = mean[offset : offset + param.numel()].view_as(param)
-            param.lerp_(target.to(param), self.merge_momentum)
-            offset += param.numel()
+        self.adapter.lerp_(self.adapter_bank[: self.task_index].mean(dim=0), self.merge_momentum)
 
     # ---- after the task --------------------------------------------------------------------------------------
     def after_task(self, task: Task, features: FeatureFn) -> None:
-        self.adapter_bank[task.index] = parameters_to_vector(self._adapter_params()).detach()
+        self.adapter_bank[task.index] = self.adapter.vector()
         embeddings, labels = features(task.train)  # [N, D] under this task's adapter
         self._store_gaussians(embeddings, labels, list(task.classes))
         if self.align and task.index > 0:
@@ -281,11 +268,7 @@ class MOS(CILMethod):
     # ---- inference -------------------------------------------------------------------------------------------
     def _embed_with(self, x: torch.Tensor, adapter: torch.Tensor) -> torch.Tensor:
         """Features ``[B, D]`` with the flattened ``adapter`` ``[P]`` in place of the running one."""
-        tensors, offset = {}, 0
-        for name, param in zip(self.adapter_names, self._adapter_params(), strict=True):
-            tensors[name] = adapter[offset : offset + param.numel()].view_as(param).to(param)
-            offset += param.numel()
-        return functional_call(self.backbone, tensors, (x,), strict=False)
+        return self.adapter.run_with(adapter, x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         if self._embed_adapter is None:

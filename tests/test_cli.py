@@ -25,6 +25,7 @@ def _layers(config: Path) -> list[str]:
     partial = config.parent.name == "methods"
     return ["--config", str(PARTIAL_BASE), "--config", str(config)] if partial else ["--config", str(config)]
 
+
 TINY = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
 
 

@@ -36,7 +36,7 @@ def test_merge_pulls_the_running_adapter_toward_the_mean_of_earlier_ones() -> No
     width = method.adapter_bank.shape[1]
     method.adapter_bank[0] = 1.0
     method.adapter_bank[1] = 3.0  # mean of tasks 0 and 1: 2.0
-    params = method._adapter_params()
+    params = method.adapter.parameters()
     for param in params:
         param.data.fill_(10.0)
     method._merge_toward_previous()

@@ -14,6 +14,7 @@ from torch import nn
 
 from cil.layers._adapter import Adapter, MLPWithAdapter, inject_adapter
 from cil.layers._base import PEFTModule, select_blocks, unwrap, vit_blocks
+from cil.layers._flat import FlatPEFT
 from cil.layers._lora import LoRALinear, inject_lora
 from cil.layers._prompt import PrefixAttention, PromptedBlock, inject_prefix, inject_vpt
 from cil.layers._ssf import ScaleShift, inject_ssf
@@ -21,6 +22,7 @@ from cil.layers._ssf import ScaleShift, inject_ssf
 __all__ = [
     "PEFT_KINDS",
     "Adapter",
+    "FlatPEFT",
     "LoRALinear",
     "MLPWithAdapter",
     "PEFTModule",
@@ -33,6 +35,7 @@ __all__ = [
     "peft_modules",
     "peft_parameters",
     "unwrap",
+    "vit_blocks",
 ]
 
 PEFT_KINDS: dict[str, Callable[..., list[PEFTModule]]] = {

@@ -39,10 +39,11 @@ class Adapter(PEFTModule):
 
 
 class MLPWithAdapter(PEFTModule):
-    """A block's MLP with an :class:`Adapter` beside it.
+    """A block's MLP (or, with ``position="attn"``, its attention) with an :class:`Adapter` beside it, both reading
+    the same normalised tokens.
 
     With ``after_layer_scale`` the adapter's output is handed to the block's :class:`LayerScaleThenAdd` instead of
-    being summed here (the block calls ``ls2(mlp(h))``, so that is the only place after the scaling).
+    being summed here (the block calls ``ls(mlp(h))``, so that is the only place after the scaling).
     """
 
     kind = "adapter"
@@ -54,11 +55,11 @@ class MLPWithAdapter(PEFTModule):
         self.after_layer_scale = after_layer_scale
         self.pending: torch.Tensor | None = None
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.after_layer_scale:
             self.pending = self.adapter(h)
-            return self.base(h)
-        return self.base(h) + self.adapter(h)
+            return self.base(h, *args, **kwargs)
+        return self.base(h, *args, **kwargs) + self.adapter(h)
 
 
 class LayerScaleThenAdd(nn.Module):
@@ -83,15 +84,24 @@ def inject_adapter(
     bottleneck: int = 64,
     scale: float = 0.1,
     dropout: float = 0.1,
+    position: str = "mlp",
 ) -> list[PEFTModule]:
-    """Puts an adapter beside the MLP of each chosen block. APER uses bottleneck 64, MOS 16."""
+    """Puts an adapter beside the MLP (``position="mlp"``, AdaptFormer; APER uses bottleneck 64, MOS 16) or beside
+    the attention (``position="attn"``, as LAE's code) of each chosen block."""
+    slots = {"mlp": ("mlp", "norm2", "ls2"), "attn": ("attn", "norm1", "ls1")}
+    if position not in slots:
+        raise ValueError(f"adapter position must be 'mlp' or 'attn', got {position!r}")
+    branch, norm, layer_scale = slots[position]
     injected: list[PEFTModule] = []
     for index in blocks:
         block: Any = vit_blocks(model)[index]
-        dim = block.norm2.normalized_shape[0]
-        layer_scaled = not isinstance(block.ls2, nn.Identity)
-        block.mlp = MLPWithAdapter(block.mlp, Adapter(dim, bottleneck, scale, dropout), after_layer_scale=layer_scaled)
+        dim = getattr(block, norm).normalized_shape[0]
+        layer_scaled = not isinstance(getattr(block, layer_scale), nn.Identity)
+        wrapped = MLPWithAdapter(
+            getattr(block, branch), Adapter(dim, bottleneck, scale, dropout), after_layer_scale=layer_scaled
+        )
+        setattr(block, branch, wrapped)
         if layer_scaled:
-            block.ls2 = LayerScaleThenAdd(block.ls2, block.mlp)
-        injected.append(block.mlp)
+            setattr(block, layer_scale, LayerScaleThenAdd(getattr(block, layer_scale), wrapped))
+        injected.append(wrapped)
     return injected

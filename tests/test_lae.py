@@ -1,0 +1,117 @@
+"""LAE: EMA accumulation, learning-speed calibration, the ensemble rule, every PET kind, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+import torch
+
+from cil.engine import Engine
+from cil.layers import LoRALinear
+from cil.task import Task
+from methods.lae import LAE, ema_update
+from tests.conftest import TINY_DATA, cpu_trainers, tiny_backbone, tiny_stream
+
+
+def _lae(**kwargs: Any) -> LAE:
+    torch.manual_seed(0)
+    return LAE(tiny_backbone(), **{"epochs": 2, "freeze_epochs": 1, "lr": 3e-3, **kwargs})
+
+
+def _engine(out: Path, method: LAE, **engine: Any) -> Engine:
+    stream = tiny_stream(increment=5, train_per_class=40)  # 2 tasks of 5 classes
+    return Engine(method, stream, out, trainer_factory=cpu_trainers(out), seed=2, data=TINY_DATA, **engine)
+
+
+def test_ema_update_gives_the_known_weights() -> None:
+    offline, online = torch.ones(3), torch.full((3,), 3.0)
+    ema_update(offline, online, decay=0.9)
+    torch.testing.assert_close(offline, torch.full((3,), 1.2))
+    ema_update(offline, online, decay=0.9)
+    torch.testing.assert_close(offline, torch.full((3,), 0.9 * 1.2 + 0.1 * 3.0))
+
+
+def test_offline_module_is_born_after_the_first_task_and_follows_every_step() -> None:
+    method = _lae(ema_decay=0.5)
+    task1 = Task(index=1, name="t1", classes=(2, 3), class_names=("2", "3"), train=[], test=[])  # type: ignore[arg-type]
+    method.on_train_batch_end(None, None, 0)  # task 0: no offline module yet, nothing accumulates
+    assert not method.offline_born and torch.count_nonzero(method.offline) == 0
+    for param in method.online.parameters():
+        param.data.fill_(2.0)
+    method.before_task(task1)
+    torch.testing.assert_close(method.offline, torch.full_like(method.offline, 2.0))  # a copy of the online one
+    for param in method.online.parameters():
+        param.data.fill_(4.0)
+    method.on_train_batch_end(None, None, 0)
+    method.on_train_batch_end(None, None, 1)
+    torch.testing.assert_close(method.offline, torch.full_like(method.offline, 0.25 * 2.0 + 0.75 * 4.0))
+
+
+def test_ensemble_takes_the_elementwise_max_of_the_two_softmaxes() -> None:
+    online = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]]).log()
+    offline = torch.tensor([[0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]).log()
+    chosen = LAE._choose(online, offline, "ensemble")
+    torch.testing.assert_close(chosen.exp(), torch.tensor([[0.7, 0.2, 0.8], [0.3, 0.5, 0.4]]))
+    assert chosen.argmax(1).tolist() == [2, 1]
+    assert LAE._choose(online, None, "ensemble") is online  # before the offline module exists
+
+
+@pytest.mark.parametrize(("freeze_epochs", "moves"), [(2, False), (1, True)])
+def test_calibration_freezes_the_pet_module_for_the_first_epochs_of_later_tasks(
+    freeze_epochs: int, moves: bool, tmp_path: Path
+) -> None:
+    method = _lae(freeze_epochs=freeze_epochs)
+    head_rows: list[torch.Tensor] = []
+    vectors: list[torch.Tensor] = []
+    original = method.after_task
+
+    def record(task: Task, features: Any) -> None:
+        vectors.append(method.online.vector())
+        head_rows.append(method.head.weight.detach().clone())
+        original(task, features)
+
+    method.after_task = record  # type: ignore[method-assign]
+    _engine(tmp_path, method).run()
+    assert not torch.equal(vectors[0], torch.zeros_like(vectors[0]))  # task 0 trains the PET module from epoch 0
+    assert torch.equal(vectors[0], vectors[1]) is not moves
+    torch.testing.assert_close(head_rows[1][:5], head_rows[0])  # old classes' rows: masked, never updated
+
+
+@pytest.mark.parametrize("pet", ["adapter", "lora", "prefix"])
+def test_every_pet_kind_learns_and_records_the_three_accuracies(pet: str, tmp_path: Path) -> None:
+    method = _lae(pet=pet, epochs=10, freeze_epochs=3, lr=3e-3)
+    summary = _engine(tmp_path, method).run()
+    tasks = pd.read_csv(tmp_path / "tasks.csv")
+    assert {"online_acc", "offline_acc", "ensemble_acc"} <= set(tasks.columns)
+    assert tasks.loc[0, "online_acc"] == tasks.loc[0, "offline_acc"] == tasks.loc[0, "ensemble_acc"]  # no offline
+    assert summary["avg_incremental_acc"] > 30.0, f"lae {pet} does not learn"
+    if pet == "lora":  # K and V only; both moved away from their zero init
+        lora = next(m for m in method.backbone.modules() if isinstance(m, LoRALinear))
+        assert set(lora.slices) == {"k", "v"} and all(b.abs().sum() > 0 for b in lora.lora_B.values())
+
+
+def test_resume_after_the_first_task_gives_the_uninterrupted_results(tmp_path: Path) -> None:
+    _engine(tmp_path / "reference", _lae()).run()
+    crashing = _lae()
+    original = crashing.before_task
+
+    def crash_at_task_1(task: Task) -> None:
+        if task.index == 1:
+            raise RuntimeError("simulated crash")
+        original(task)
+
+    crashing.before_task = crash_at_task_1  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _engine(tmp_path / "crashed", crashing).run()
+    _engine(tmp_path / "crashed", _lae(), resume=True).run()
+    reference, resumed = (pd.read_csv(tmp_path / name / "results.csv") for name in ("reference", "crashed"))
+    pd.testing.assert_frame_equal(resumed, reference)
+
+
+@pytest.mark.parametrize("bad", [{"pet": "ssf"}, {"inference": "mean"}, {"ema_decay": 1.5}])
+def test_bad_options_say_what_is_allowed(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        LAE(tiny_backbone(), **bad)
