@@ -21,8 +21,9 @@ TINY_VIT: dict[str, Any] = {
 }
 
 
-def tiny_backbone() -> Backbone:
-    return Backbone(**TINY_VIT)
+def tiny_backbone(**model_kwargs: Any) -> Backbone:
+    """The tiny ViT; ``model_kwargs`` override its timm arguments (e.g. ``global_pool="avg"``)."""
+    return Backbone(**{**TINY_VIT, "model_kwargs": {**TINY_VIT["model_kwargs"], **model_kwargs}})
 
 
 def tiny_stream(seed: int = 0, **options: Any) -> Stream:
