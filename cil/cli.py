@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -281,6 +282,9 @@ def _reexec_with_tuned_malloc(argv: list[str]) -> None:
 def _one_line(error: BaseException) -> str:
     """The line of an error that says what to fix (jsonargparse reports nested config errors on many lines)."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    cause = re.search(r"Errors:\s*(.*?)\s*(?:Expected a|Given value|$)", text, flags=re.S)
+    if cause:  # jsonargparse's union errors embed the whole namespace (a model's repr): keep the cause
+        text = cause.group(1)
     lines = [line.strip(" -") for line in text.splitlines() if line.strip()]
     if isinstance(error, argparse.ArgumentError):
         specific = [line for line in lines if any(marker in line for marker in _SPECIFIC_PARSER_ERRORS)]
