@@ -112,16 +112,18 @@ def _pop_seeds(args: list[str]) -> tuple[list[int], list[str]]:
     """Takes ``--seeds S1 S2 ...`` (or ``--seeds=S1,S2``) out of the arguments."""
     rest: list[str] = []
     seeds: list[str] = []
+    given = False
     position = 0
     while position < len(args):
         arg = args[position]
         if arg == "--seeds":
-            position += 1
-            while position < len(args) and not args[position].startswith("--"):
+            given, position = True, position + 1
+            while position < len(args) and not args[position].startswith("-"):  # up to the next option
                 seeds.extend(args[position].split(","))
                 position += 1
             continue
         if arg.startswith("--seeds="):
+            given = True
             seeds.extend(arg.split("=", 1)[1].split(","))
         else:
             rest.append(arg)
@@ -130,7 +132,7 @@ def _pop_seeds(args: list[str]) -> tuple[list[int], list[str]]:
         parsed = [int(seed) for seed in seeds if seed]
     except ValueError:
         raise ValueError(f"seeds must be integers (--seeds 1993 1994), got {' '.join(seeds)!r}") from None
-    if "--seeds" in args and not parsed:
+    if given and not parsed:
         raise ValueError("no seed after --seeds; give at least one, e.g. --seeds 1993 1994 1995")
     if len(set(parsed)) != len(parsed):
         raise ValueError(f"a seed appears twice in --seeds: {parsed}")
@@ -143,12 +145,11 @@ def _run_one(args: list[str], sweep_seed: int | None = None) -> int:
     seed = int(config["seed_everything"])
     out = Path(cli.config["out"])
     resume = bool(cli.config["resume"])
-    if sweep_seed is not None:  # one directory per seed; finished seeds are skipped, interrupted ones resumed
+    if sweep_seed is not None:  # one directory per seed; resuming skips finished seeds (after checking their config)
         out = out / f"seed_{sweep_seed}"
         config["out"], resume = str(out), True
         if _complete(out):
-            log.info("seed %d: %s is complete, skipping it", sweep_seed, out)
-            return 0
+            log.info("seed %d: %s is complete; checking that it was run with this config", sweep_seed, out)
     method = cli.config_init["method"]
     config["method_name"] = method_registry_name(method) or type(method).__name__.lower()
     stream = build_stream(config["stream"], seed=seed)
@@ -176,7 +177,7 @@ def _run_one(args: list[str], sweep_seed: int | None = None) -> int:
 
 def _complete(out: Path) -> bool:
     summary = out / "summary.json"
-    return summary.is_file() and bool(json.loads(summary.read_text()).get("complete"))
+    return summary.is_file() and json.loads(summary.read_text()).get("complete") is True
 
 
 def _format_matrix(engine: Engine) -> str:
@@ -202,6 +203,8 @@ def summarize(args: list[str]) -> int:
 
 
 def table(args: list[str]) -> int:
+    import pandas as pd
+
     from cil.tables import METRICS, TableSpec, aggregate, render
 
     parser = argparse.ArgumentParser(
@@ -221,10 +224,10 @@ def table(args: list[str]) -> int:
     options = parser.parse_args(args)
     summaries = load_summaries(options.runs, with_config=True)
     if not options.include_incomplete:
-        unfinished = summaries[~summaries["complete"].astype(bool)]
-        for run_dir in unfinished["run"]:
+        finished = summaries["complete"].eq(True) if "complete" in summaries else pd.Series(False, summaries.index)
+        for run_dir in summaries.loc[~finished, "run"]:
             print(f"cil table: skipping unfinished run {run_dir} (--include-incomplete keeps it)", file=sys.stderr)
-        summaries = summaries[summaries["complete"].astype(bool)]
+        summaries = summaries[finished]
         if summaries.empty:
             raise ValueError("no finished run among the given directories (--include-incomplete to use them anyway)")
     spec = TableSpec(rows=options.rows, cols=options.cols, metrics=options.metrics)
@@ -254,6 +257,10 @@ def plot(args: list[str]) -> int:
     from matplotlib.figure import Figure
 
     runs = load_runs(options.runs)
+    if options.label not in runs.columns:
+        raise ValueError(f"--label must be a results column: {', '.join(runs.columns)}")
+    if options.kind not in ("overview", "seen") and runs["run"].nunique() > 1:
+        print(f"cil plot: --kind {options.kind} draws one run: {runs['run'].iloc[0]}", file=sys.stderr)
     if options.kind == "overview":
         figure = plots.overview(runs, label=options.label)
     else:

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cil import metrics
 from cil.results import accuracy_matrix
@@ -90,7 +91,10 @@ def seen_accuracy_curves(runs: pd.DataFrame, label: str = "method", ax: Axes | N
     per_step = seen_accuracy_per_step(runs)
     if label not in per_step.columns:
         per_step = per_step.merge(runs[["run", label]].drop_duplicates(), on="run")
-    for name, group in per_step.groupby(label, sort=False):
+    several_streams = per_step["stream"].nunique() > 1  # never average one method's curves over different streams
+    keys = [label, "stream"] if several_streams and label != "stream" else [label]
+    for key, group in per_step.groupby(keys, sort=False):
+        name = " / ".join(map(str, key)) if isinstance(key, tuple) else str(key)
         curve = group.groupby("train_task")["seen_accuracy"].agg(["mean", "std", "count"])
         n = int(curve["count"].max())
         (line,) = ax.plot(curve.index, curve["mean"], marker="o", ms=3, label=f"{name} (n={n})" if n > 1 else name)
@@ -98,6 +102,7 @@ def seen_accuracy_curves(runs: pd.DataFrame, label: str = "method", ax: Axes | N
             std = curve["std"].fillna(0)
             ax.fill_between(curve.index, curve["mean"] - std, curve["mean"] + std, color=line.get_color(), alpha=0.2)
     ax.set(xlabel="after training task", ylabel="accuracy on seen classes (%)", ylim=(0, 101))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title("Ā is the mean of each curve")
     ax.legend(fontsize="small")
     return ax

@@ -21,19 +21,24 @@ import pandas as pd
 
 __all__ = ["METRICS", "TableSpec", "aggregate", "render"]
 
-# summary key -> (header label, higher is better)
-METRICS: dict[str, tuple[str, bool]] = {
-    "avg_incremental_acc": ("Ā", True),
-    "last_acc": ("A_last", True),
-    "avg_forgetting": ("Forgetting", False),
-    "bwt": ("BWT", True),
-    "fwt": ("FWT", True),
-    "wall_s": ("Time (s)", False),
-    "fit_s": ("Fit (s)", False),
-    "trainable_params": ("Trainable params", False),
-    "train_images_per_s": ("Train img/s", True),
-    "eval_images_per_s": ("Eval img/s", True),
+# summary key -> (header label, LaTeX label, higher is better)
+METRICS: dict[str, tuple[str, str, bool]] = {
+    "avg_incremental_acc": ("Ā", r"$\bar{A}$", True),
+    "last_acc": ("A_last", r"$A_{\mathrm{last}}$", True),
+    "avg_forgetting": ("Forgetting", "Forgetting", False),
+    "bwt": ("BWT", "BWT", True),
+    "fwt": ("FWT", "FWT", True),
+    "wall_s": ("Time (s)", "Time (s)", False),
+    "fit_s": ("Fit (s)", "Fit (s)", False),
+    "eval_s": ("Eval (s)", "Eval (s)", False),
+    "trainable_params": ("Trainable params", "Trainable params", False),
+    "total_params": ("Params", "Params", False),
+    "train_images_per_s": ("Train img/s", "Train img/s", True),
+    "eval_images_per_s": ("Eval img/s", "Eval img/s", True),
 }
+# Config keys that may differ between runs averaged into one cell (the seed, and what only steers or describes a run).
+_SEED_LIKE = ("config.seed_everything", "config.out", "config.resume", "config.logger", "config.keep_checkpoints")
+_DESCRIPTIVE_PREFIXES = ("config.reported", "config.trainer.enable_", "config.trainer.log_every_n_steps")
 
 OURS, PAPER = "cil", "paper"
 
@@ -62,15 +67,43 @@ def aggregate(summaries: pd.DataFrame, spec: TableSpec, compare_paper: bool = Fa
     if missing:
         known = ", ".join(sorted(c for c in summaries.columns if not c.startswith("config.reported")))
         raise KeyError(f"no column {', '.join(map(repr, missing))} in the runs' summaries; known: {known}")
+    unknown = [m for m in spec.metrics if m not in METRICS]
+    if unknown:
+        raise KeyError(
+            f"unknown metric(s) {unknown}: the table needs to know which direction is best; use {list(METRICS)}"
+        )
     frame = summaries.copy()
     frame[keys] = frame[keys].astype(str)  # None / NaN in a config key become a group of their own
+    _check_groups_differ_only_in_seed(frame, keys)
     long = frame.melt(id_vars=keys, value_vars=list(spec.metrics), var_name="metric", value_name="value")
     long["value"] = pd.to_numeric(long["value"], errors="coerce")
     grouped = long.groupby([*keys, "metric"], sort=False)["value"]
-    stats = grouped.agg(mean="mean", std="std", n="count").reset_index().assign(source=OURS)
+    stats = grouped.agg(mean="mean", std="std", n="count", runs="size").reset_index().assign(source=OURS)
     if compare_paper:
         stats = pd.concat([stats, _reported(frame, keys, spec.metrics)], ignore_index=True)
-    return stats[[*keys, "source", "metric", "mean", "std", "n"]]
+    return stats[[*keys, "source", "metric", "mean", "std", "n", "runs"]]
+
+
+def _check_groups_differ_only_in_seed(frame: pd.DataFrame, keys: list[str]) -> None:
+    """Refuses to average runs that differ in anything but their seed (or that repeat a seed)."""
+    ignored = {*keys, *_SEED_LIKE}
+    config = [
+        c
+        for c in frame.columns
+        if c.startswith("config.") and c not in ignored and not c.startswith(_DESCRIPTIVE_PREFIXES)
+    ]
+    for group, runs in frame.groupby(keys, sort=False):
+        if "seed" in runs.columns and runs["seed"].duplicated().any():
+            raise ValueError(
+                f"the runs of {group} repeat a seed ({sorted(runs['seed'].tolist())}): they are different "
+                "experiments; split them with --rows / --cols (e.g. a config.* key)"
+            )
+        differing = [c for c in config if runs[c].astype(str).nunique() > 1]
+        if differing:
+            raise ValueError(
+                f"the runs of {group} differ in {', '.join(differing[:4])}; add the key(s) to --rows or --cols "
+                "so that a cell only averages seeds"
+            )
 
 
 def _reported(frame: pd.DataFrame, keys: list[str], metrics: Sequence[str]) -> pd.DataFrame:
@@ -83,8 +116,9 @@ def _reported(frame: pd.DataFrame, keys: list[str], metrics: Sequence[str]) -> p
         values = frame[[*keys, column]].dropna(subset=[column]).groupby(keys, sort=False)[column].first()
         for group, value in values.items():
             group = group if isinstance(group, tuple) else (group,)
-            rows.append({**dict(zip(keys, group, strict=True)), "metric": metric, "mean": float(value), "n": 0})
-    return pd.DataFrame(rows, columns=[*keys, "metric", "mean", "std", "n"]).assign(source=PAPER)
+            row = {**dict(zip(keys, group, strict=True)), "metric": metric, "mean": float(value), "n": 0, "runs": 0}
+            rows.append(row)
+    return pd.DataFrame(rows, columns=[*keys, "metric", "mean", "std", "n", "runs"]).assign(source=PAPER)
 
 
 def render(stats: pd.DataFrame, spec: TableSpec, fmt: str = "markdown", decimals: int = 2) -> str:
@@ -93,9 +127,10 @@ def render(stats: pd.DataFrame, spec: TableSpec, fmt: str = "markdown", decimals
         return stats.to_csv(index=False)
     if fmt not in ("markdown", "latex"):
         raise ValueError(f"unknown table format {fmt!r}; use markdown, latex or csv")
+    latex = fmt == "latex"
     stats = stats.copy()
-    best = _best(stats, spec)
-    plus_minus, bold = (" ± ", "**{}**") if fmt == "markdown" else (r" $\pm$ ", r"\textbf{{{}}}")
+    best = _best(stats, spec, decimals)
+    plus_minus, bold = (r" $\pm$ ", r"\textbf{{{}}}") if latex else (" ± ", "**{}**")
 
     def cell(row: pd.Series) -> str:
         if pd.isna(row["mean"]):
@@ -106,44 +141,56 @@ def render(stats: pd.DataFrame, spec: TableSpec, fmt: str = "markdown", decimals
         return bold.format(text) if row.name in best else text
 
     stats["cell"] = stats.apply(cell, axis=1)
-    index = [*spec.rows, "source"] if (stats["source"] == PAPER).any() else list(spec.rows)
-    stats["metric"] = stats["metric"].map(lambda m: METRICS.get(m, (m, True))[0])
+    stats["metric"] = stats["metric"].map(lambda m: METRICS[m][1 if latex else 0])
+    has_paper = bool((stats["source"] == PAPER).any())
+    index = [*spec.rows, "source"] if has_paper else list(spec.rows)
     columns = [*spec.cols, "metric"]
+    order = stats[columns].drop_duplicates()  # column groups (streams) in order of appearance, metrics as asked
+    order = order.assign(
+        _group=order.groupby(list(spec.cols), sort=False).ngroup() if spec.cols else 0,
+        _metric=order["metric"].map({METRICS[m][1 if latex else 0]: i for i, m in enumerate(spec.metrics)}),
+    ).sort_values(["_group", "_metric"])[columns]
     table = stats.pivot_table(index=index, columns=columns, values="cell", aggfunc="first", sort=False)
-    table = table.reindex(columns=pd.MultiIndex.from_frame(stats[columns].drop_duplicates()))
-    seeds = stats[stats["source"] == OURS].groupby(list(spec.rows), sort=False)["n"].agg(["min", "max"])
-    n_seeds = seeds.apply(lambda r: str(r["min"]) if r["min"] == r["max"] else f"{r['min']}-{r['max']}", axis=1)
-    if fmt == "markdown":
+    if len(columns) == 1:
+        table = table.reindex(columns=pd.Index(order["metric"], name="metric"))
+        table.columns = pd.MultiIndex.from_arrays([table.columns])
+    else:
+        table = table.reindex(columns=pd.MultiIndex.from_frame(order))
+    table = table.astype(object).where(table.notna(), "-")
+    seeds = stats[stats["source"] == OURS].groupby(list(spec.rows), sort=False)["runs"].agg(["min", "max"])
+    label = {key: str(r["min"]) if r["min"] == r["max"] else f"{r['min']}-{r['max']}" for key, r in seeds.iterrows()}
+    rows = [dict(zip(index, key if isinstance(key, tuple) else (key,), strict=True)) for key in table.index]
+    seed_column = ["" if row.get("source") == PAPER else label.get(_row_key(row, spec.rows), "") for row in rows]
+    if not latex:
         flat = table.copy()
         flat.columns = [" ".join(str(part) for part in column) for column in table.columns]
         flat = flat.reset_index()
-        flat["seeds"] = [n_seeds.get(_row_key(r, spec.rows), "") for _, r in flat.iterrows()]
-        if "source" in flat.columns:
-            flat.loc[flat["source"] == PAPER, "seeds"] = ""
-        return flat.astype(object).where(flat.notna(), "-").to_markdown(index=False)
-    table[("", "seeds")] = [
-        n_seeds.get(_row_key(dict(zip(index, key, strict=True)), spec.rows), "") for key in _keys(table)
-    ]
-    styler = table.astype(object).where(table.notna(), "-").style
+        flat["seeds"] = seed_column
+        return flat.to_markdown(index=False, disable_numparse=True)
+    table[("",) * (table.columns.nlevels - 1) + ("seeds",)] = seed_column
+    styler = table.style.format_index(escape="latex", axis=0)
+    styler = styler.format_index(lambda v: str(v) if "$" in str(v) else _escape(str(v)), axis=1)
     return styler.to_latex(hrules=True, multicol_align="c", column_format="l" * len(index) + "c" * table.shape[1])
 
 
-def _best(stats: pd.DataFrame, spec: TableSpec) -> set[int]:
-    """Index labels of the best of our cells in every (cols..., metric) column."""
+def _escape(text: str) -> str:
+    for char, escaped in (("\\", r"\textbackslash{}"), ("_", r"\_"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#")):
+        text = text.replace(char, escaped)
+    return text
+
+
+def _best(stats: pd.DataFrame, spec: TableSpec, decimals: int) -> set[int]:
+    """Index labels of the best of our cells (as displayed, i.e. rounded) in every (cols..., metric) column."""
     ours = stats[(stats["source"] == OURS) & stats["mean"].notna()]
     best: set[int] = set()
     for (*_, metric), group in ours.groupby([*spec.cols, "metric"], sort=False):
-        higher = METRICS.get(str(metric), (metric, True))[1]
-        target = group["mean"].max() if higher else group["mean"].min()
+        shown = group["mean"].round(decimals)
+        target = shown.max() if METRICS[str(metric)][2] else shown.min()
         if len(group) > 1:
-            best.update(group.index[group["mean"] == target])
+            best.update(group.index[shown == target])
     return best
 
 
-def _keys(table: pd.DataFrame) -> list[tuple[object, ...]]:
-    return [key if isinstance(key, tuple) else (key,) for key in table.index]
-
-
-def _row_key(row: object, rows: Sequence[str]) -> object:
-    values = tuple(row[key] for key in rows)  # type: ignore[index]
+def _row_key(row: dict[str, object], rows: Sequence[str]) -> object:
+    values = tuple(row[key] for key in rows)
     return values if len(values) > 1 else values[0]

@@ -17,7 +17,8 @@ code (``gqk/LAE``).
   classes; the prediction is the class with the larger of the two, elementwise (returned as log-probabilities).
 
 Each step also records the online-only, offline-only and ensemble accuracy over all seen test sets
-(``tasks.csv``: ``online_acc``, ``offline_acc``, ``ensemble_acc``), so one run compares the three.
+(``tasks.csv``: ``online_acc``, ``offline_acc``, ``ensemble_acc``), so one run compares the three. After the first
+task the offline module does not exist yet, and all three are the online model (as ``inference: offline`` is).
 
 Departures: the adapter uses ReLU and a fixed output scale of 1 (theirs: GELU and a learned scalar initialised at
 1); LoRA's scale is fixed at ``alpha / rank = 1`` (theirs: learned, init 1); prefixes start from our uniform init and
@@ -97,7 +98,7 @@ class LAE(CILMethod):
         inject(self.backbone, pet, blocks, **{**_PET_DEFAULTS[pet], **(pet_options or {})})
         freeze_except_peft(self.backbone)
         self.online = FlatPEFT(self.backbone)
-        self.head = IncrementalLinear(backbone.num_features)
+        self.head: IncrementalLinear = IncrementalLinear(backbone.num_features)
         self.offline: torch.Tensor  # [P] the accumulated PET module; zeros until it is born after the first task
         self.offline_born: torch.Tensor
         self.register_buffer("offline", torch.zeros(self.online.numel()))
@@ -144,8 +145,13 @@ class LAE(CILMethod):
         self.log("train/acc", (logits.argmax(1) == y - known).float().mean() * 100, on_epoch=True, batch_size=len(y))
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if bool(self.offline_born):  # accumulation, also while the PET module is frozen (as the authors)
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Accumulation after every optimiser step, also while the PET module is frozen (as the authors)."""
+        if bool(self.offline_born):
             ema_update(self.offline, self.online.vector(), self.ema_decay)
 
     def after_task(self, task: Task, features: FeatureFn) -> None:

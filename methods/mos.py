@@ -38,6 +38,8 @@ Departures from the authors' code, each deliberate:
   ``align_samples_per_class`` features per class and epoch (theirs: 5 x batch size) in batches of the same size.
 - Inputs are normalised with the backbone's mean / std (theirs feed [0, 1] pixels to a model trained on normalised
   ones).
+- Minor: the cosine schedules end at 0 (theirs: 1e-8); full covariances cost ``D^2`` floats per class in every
+  checkpoint (2.4 MB per class at D = 768); ``covariance: diagonal`` stores ``D``.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class MOS(CILMethod):
         self.adapter = FlatPEFT(self.backbone)  # the running adapter, as one vector [P]
         width = self.adapter.numel()
         dim = backbone.num_features
-        self.head = IncrementalLinear(dim)  # trained with the adapters, then by alignment
+        self.head: IncrementalLinear = IncrementalLinear(dim)  # trained with the adapters, then by alignment
         self.prototypes = PrototypeHead(dim)  # cosine to class means under the prototype adapter
         self.adapter_bank: torch.Tensor  # [T, P] every finished task's adapter, flattened
         self.class_task: torch.Tensor  # [C] the task that introduced each class
@@ -188,12 +190,19 @@ class MOS(CILMethod):
         return loss
 
     def _contrastive(self, z: torch.Tensor, known: int) -> torch.Tensor:
-        """The authors' auxiliary term: every row of ``M = [old class means; z]`` must be most similar to itself."""
-        M = torch.cat([self.class_means[:known].to(z), z])  # [C_old + B, D]; the means carry no gradient
-        similarity = M @ M.T / self.orth_temperature  # [C_old + B, C_old + B]
-        return F.cross_entropy(similarity, torch.arange(len(M), device=z.device))
+        """The authors' auxiliary term: every row of ``M = [old class means; z]`` must be most similar to itself.
+        In float32 even under bf16 autocast: unnormalised similarities reach the thousands."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            M = torch.cat([self.class_means[:known].to(z.device), z.float()])  # [C_old + B, D]; means: no gradient
+            similarity = M @ M.T / self.orth_temperature  # [C_old + B, C_old + B]
+            return F.cross_entropy(similarity, torch.arange(len(M), device=z.device))
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.after_optimizer_step()
+
+    def after_optimizer_step(self) -> None:
+        """Adapter merging, once per optimiser step (not per micro-batch under gradient accumulation)."""
         if self.task_index > 0 and self.merge_momentum > 0:
             self._merge_toward_previous()
 
@@ -231,8 +240,18 @@ class MOS(CILMethod):
             self.class_covs[c] = (cov if self.covariance == "full" else cov.diagonal()).to(self.class_covs)
 
     def _align_classifier(self) -> None:
-        """Re-trains the head on features sampled from every seen class's Gaussian (no exemplars)."""
-        device = self.head.weight.device
+        """Re-trains the head on features sampled from every seen class's Gaussian (no exemplars), on the trainer's
+        device (Lightning moves the module back to the CPU after each fit / predict)."""
+        home = self.head.weight.device
+        trainer = self._trainer
+        device = trainer.strategy.root_device if trainer is not None else home
+        self.head.to(device)
+        try:
+            self._align_on(device)
+        finally:
+            self.head.to(home)
+
+    def _align_on(self, device: torch.device) -> None:
         num_classes, per_class = len(self.seen_classes), self.align_samples_per_class
         means = self.class_means.to(device=device, dtype=torch.float64)  # [C, D]
         covs = self.class_covs.to(device=device, dtype=torch.float64)
@@ -322,6 +341,7 @@ class MOS(CILMethod):
         counts = torch.stack([(retrieved == true_task).sum(), (first_guess == true_task).sum()]).cpu()
         self._retrieval_counts += torch.cat([counts, torch.tensor([len(y)])])
         right, first_right, total = self._retrieval_counts.tolist()
-        self.task_info["retrieval_acc"] = round(100.0 * right / total, 4)
+        if self.retrieval:  # without retrieval every image uses the newest adapter: nothing was retrieved
+            self.task_info["retrieval_acc"] = round(100.0 * right / total, 4)
         self.task_info["first_guess_task_acc"] = round(100.0 * first_right / total, 4)
         return scores, y

@@ -189,3 +189,49 @@ def test_notebook_runs_headless(notebook: Path, sweep: Path, tmp_path: Path, mon
     else:
         shown = [o for cell in stored.cells for o in cell.get("outputs", []) if "text/markdown" in o.get("data", {})]
         assert shown and "simplecil" in shown[0]["data"]["text/markdown"]
+
+
+def test_table_refuses_to_average_runs_that_differ_in_more_than_the_seed() -> None:
+    summaries = pd.DataFrame(
+        {
+            "method": ["mos", "mos"],
+            "stream": ["s", "s"],
+            "seed": [1, 2],
+            "avg_incremental_acc": [80.0, 70.0],
+            "config.seed_everything": [1, 2],
+            "config.method.init_args.merge_momentum": [0.1, 0.0],
+        }
+    )
+    with pytest.raises(ValueError, match=r"differ in config\.method\.init_args\.merge_momentum"):
+        aggregate(summaries, TableSpec(metrics=("avg_incremental_acc",)))
+    spec = TableSpec(rows=("method", "config.method.init_args.merge_momentum"), metrics=("avg_incremental_acc",))
+    assert len(aggregate(summaries, spec)) == 2  # one cell per setting once the key is a row
+    with pytest.raises(ValueError, match="repeat a seed"):
+        aggregate(
+            summaries.assign(seed=1).drop(columns="config.method.init_args.merge_momentum"),
+            TableSpec(metrics=("avg_incremental_acc",)),
+        )
+
+
+def test_table_keeps_the_decimals_and_orders_columns_by_group() -> None:
+    summaries = pd.DataFrame(
+        {
+            "method": ["a", "b", "a", "b"],
+            "stream": ["x", "x", "y", "y"],
+            "avg_incremental_acc": [80.0, 70.0, 60.0, 65.0],
+            "last_acc": [75.0, 60.0, 50.0, 55.0],
+        }
+    )
+    spec = TableSpec(metrics=("avg_incremental_acc", "last_acc"))
+    header, _, first, _ = render(aggregate(summaries, spec), spec).splitlines()
+    assert [c.strip() for c in header.split("|")[2:6]] == ["x Ā", "x A_last", "y Ā", "y A_last"]
+    assert "**80.00**" in first and "60.00" in first
+
+
+def test_seeds_option_parsing() -> None:
+    from cil.cli import _pop_seeds
+
+    assert _pop_seeds(["--seeds", "1", "2,3", "-c", "x.yaml"]) == ([1, 2, 3], ["-c", "x.yaml"])
+    assert _pop_seeds(["--seeds=4,5", "--out", "o"]) == ([4, 5], ["--out", "o"])
+    with pytest.raises(ValueError, match="no seed"):
+        _pop_seeds(["--seeds="])

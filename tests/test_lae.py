@@ -37,7 +37,7 @@ def test_ema_update_gives_the_known_weights() -> None:
 def test_offline_module_is_born_after_the_first_task_and_follows_every_step() -> None:
     method = _lae(ema_decay=0.5)
     task1 = Task(index=1, name="t1", classes=(2, 3), class_names=("2", "3"), train=[], test=[])  # type: ignore[arg-type]
-    method.on_train_batch_end(None, None, 0)  # task 0: no offline module yet, nothing accumulates
+    method.after_optimizer_step()  # task 0: no offline module yet, nothing accumulates
     assert not method.offline_born and torch.count_nonzero(method.offline) == 0
     for param in method.online.parameters():
         param.data.fill_(2.0)
@@ -45,8 +45,8 @@ def test_offline_module_is_born_after_the_first_task_and_follows_every_step() ->
     torch.testing.assert_close(method.offline, torch.full_like(method.offline, 2.0))  # a copy of the online one
     for param in method.online.parameters():
         param.data.fill_(4.0)
-    method.on_train_batch_end(None, None, 0)
-    method.on_train_batch_end(None, None, 1)
+    method.after_optimizer_step()
+    method.after_optimizer_step()
     torch.testing.assert_close(method.offline, torch.full_like(method.offline, 0.25 * 2.0 + 0.75 * 4.0))
 
 
