@@ -169,7 +169,7 @@ def torchvision_dataset(name: str, root: str | os.PathLike[str], train: bool, do
 
 
 def stratified_split(
-    labels: Sequence[int],
+    labels: Sequence[int] | np.ndarray,
     test_fraction: float,
     seed: int,
     train_per_class: int | None = None,

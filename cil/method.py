@@ -14,7 +14,7 @@ The embedding / classifier split (:meth:`embed`, :meth:`classify`) lets the engi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -31,12 +31,13 @@ __all__ = ["CILMethod", "FeatureFn", "create_method", "list_methods", "register_
 FeatureFn = Callable[[Dataset[Any]], tuple[torch.Tensor, torch.Tensor]]
 """``features(dataset) -> (embeddings [N, D], labels [N])``, computed under the evaluation transform."""
 
+M = TypeVar("M", bound="type[CILMethod]")
 _METHODS = Registry[type["CILMethod"]]("method", "methods")
 
 
-def register_method(name: str) -> Callable[[type[CILMethod]], type[CILMethod]]:
+def register_method(name: str) -> Callable[[M], M]:
     """Class decorator that makes a method available by ``name`` (``create_method(name, ...)``)."""
-    return _METHODS.register(name)
+    return _METHODS.register(name)  # type: ignore[return-value]
 
 
 def list_methods() -> list[str]:

@@ -73,7 +73,8 @@ class APER(CILMethod):
         else:
             self.adapted.requires_grad_(True)
         self.train_head: CosineLinear | None = None
-        self.head = PrototypeHead(2 * backbone.num_features)
+        self.head: PrototypeHead = PrototypeHead(2 * backbone.num_features)
+        self.adaptation_done: torch.Tensor
         self.register_buffer("adaptation_done", torch.tensor(False))
 
     @property

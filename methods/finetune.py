@@ -44,7 +44,7 @@ class Finetune(CILMethod):
     ) -> None:
         super().__init__(backbone)
         self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
-        self.head = IncrementalLinear(backbone.num_features)
+        self.head: IncrementalLinear = IncrementalLinear(backbone.num_features)
 
     def configure_optimizers(self) -> Any:
         return self.optimizer_with_cosine(self.optimizer_name, self.lr, self.momentum, self.weight_decay)

@@ -25,7 +25,7 @@ class SimpleCIL(CILMethod):
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(backbone)
         self.backbone.requires_grad_(False)
-        self.head = PrototypeHead(backbone.num_features)
+        self.head: PrototypeHead = PrototypeHead(backbone.num_features)
 
     @property
     def embedding_frozen(self) -> bool:

@@ -35,7 +35,7 @@ def _load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
             "the animal_mnist stream reads the PyPI package 'animal-mnist', which is not installed: "
             "pip install --no-deps animal-mnist"
         ) from error
-    folder = Path(package.__file__).parent / "data" / "Animal_MNIST"
+    folder = Path(str(package.__file__)).parent / "data" / "Animal_MNIST"
     with gzip.open(folder / "animal_data_version_3.gz", "rb") as handle:
         images = np.asarray(pickle.load(handle), dtype=np.uint8)  # [10000, 28, 28]
     with gzip.open(folder / "animal_label_version_3.gz", "rb") as handle:
