@@ -15,14 +15,15 @@ VIT_VARIANTS = {
     "dinov2_layerscale": dict(model_name="vit_small_patch14_dinov2", img_size=28, depth=2, init_values=0.1),
     "vit_registers": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, reg_tokens=2),
 }
-# kind -> (hyper-parameters, does the injected model equal the pre-trained one at initialisation?)
+# case -> (kind, hyper-parameters, does the injected model equal the pre-trained one at initialisation?)
 KINDS = {
-    "adapter": ({"bottleneck": 8}, True),
-    "lora": ({"targets": ("q", "k", "v", "proj", "fc1", "fc2"), "rank": 4}, True),
-    "prefix": ({"length": 3}, False),
-    "vpt_shallow": ({"num_tokens": 3}, False),
-    "vpt_deep": ({"num_tokens": 3}, False),
-    "ssf": ({"init_std": 0.0}, True),
+    "adapter": ("adapter", {"bottleneck": 8}, True),
+    "adapter_attn": ("adapter", {"bottleneck": 8, "position": "attn"}, True),  # beside attention, as LAE
+    "lora": ("lora", {"targets": ("q", "k", "v", "proj", "fc1", "fc2"), "rank": 4}, True),
+    "prefix": ("prefix", {"length": 3}, False),
+    "vpt_shallow": ("vpt_shallow", {"num_tokens": 3}, False),
+    "vpt_deep": ("vpt_deep", {"num_tokens": 3}, False),
+    "ssf": ("ssf", {"init_std": 0.0}, True),
 }
 
 
@@ -44,13 +45,13 @@ def perturb(parameters: list[nn.Parameter]) -> None:
 
 
 def test_every_kind_is_tested() -> None:
-    assert set(KINDS) == set(PEFT_KINDS)
+    assert {kind for kind, _, _ in KINDS.values()} == set(PEFT_KINDS)
 
 
 @pytest.mark.parametrize("variant", VIT_VARIANTS)
-@pytest.mark.parametrize("kind", KINDS)
-def test_injection(kind: str, variant: str) -> None:
-    hp, identity_at_init = KINDS[kind]
+@pytest.mark.parametrize("case", KINDS)
+def test_injection(case: str, variant: str) -> None:
+    kind, hp, identity_at_init = KINDS[case]
     vit = make_vit(variant)
     x = images(vit)
     with torch.no_grad():
