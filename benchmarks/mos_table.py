@@ -28,7 +28,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "mos_one_shot_retrieval": (MOS, ["--method.init_args.max_refine", "1"]),
     "mos_no_ensemble": (MOS, ["--method.init_args.ensemble", "false"]),
     "mos_no_orth": (MOS, ["--method.init_args.orth_weight", "0"]),
-    "mos_authors_merge_strength": (MOS, ["--method.init_args.merge_momentum", "0.75"]),
+    "mos_paper_merge_once_per_step": (MOS, ["--method.init_args.merge_momentum", "0.1"]),
 }
 
 
