@@ -289,13 +289,16 @@ def _reexec_with_tuned_malloc(argv: list[str]) -> None:
 def _one_line(error: BaseException) -> str:
     """The line of an error that says what to fix (jsonargparse reports nested config errors on many lines)."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    original = text
     cause = re.search(r"Errors:\s*(.*?)\s*(?:Expected a|Given value|$)", text, flags=re.S)
-    if cause:  # jsonargparse's union errors embed the whole namespace (a model's repr): keep the cause
+    if cause and cause.group(1).strip(
+        " -\n"
+    ):  # union errors embed the whole namespace (a model's repr): keep the cause
         text = cause.group(1)
-    lines = [line.strip(" -") for line in text.splitlines() if line.strip()]
+    lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
     if isinstance(error, argparse.ArgumentError):
         specific = [line for line in lines if any(marker in line for marker in _SPECIFIC_PARSER_ERRORS)]
-        if not specific and 'key "method"' in text:
+        if not specific and 'key "method"' in original:
             classes = [method_class(name) for name in list_methods()]
             known = ", ".join(f"{cls.__module__}.{cls.__name__}" for cls in classes)
             return f"method.class_path must name a registered method class: {known}"
