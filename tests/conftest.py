@@ -12,7 +12,9 @@ import pytest
 from cil.backbones import Backbone
 from cil.data import DataConfig
 from cil.engine import TrainerFactory, make_trainer_factory
+from cil.method import CILMethod
 from cil.stream import Stream, build_stream
+from cil.task import Task
 
 TINY_VIT: dict[str, Any] = {
     "name": "vit_tiny_patch16_224",
@@ -34,6 +36,19 @@ def tiny_stream(seed: int = 0, **options: Any) -> Stream:
 
 # Random resized crops of 8x8 digits destroy them; the tiny stream trains without augmentation.
 TINY_DATA = DataConfig(batch_size=32, eval_batch_size=256, augment=False)
+
+
+def crash_during(method: CILMethod, task_index: int) -> CILMethod:
+    """Makes ``method`` raise ``RuntimeError("simulated crash")`` when the engine begins task ``task_index``."""
+    original = method.before_task
+
+    def before_task(task: Task) -> None:
+        if task.index == task_index:
+            raise RuntimeError("simulated crash")
+        original(task)
+
+    method.before_task = before_task  # type: ignore[method-assign]
+    return method
 
 
 def cpu_trainers(out: Path, **trainer: Any) -> TrainerFactory:

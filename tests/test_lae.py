@@ -13,7 +13,7 @@ from cil.engine import Engine
 from cil.layers import LoRALinear
 from cil.task import Task
 from methods.lae import LAE, ema_update
-from tests.conftest import TINY_DATA, cpu_trainers, tiny_backbone, tiny_stream
+from tests.conftest import TINY_DATA, cpu_trainers, crash_during, tiny_backbone, tiny_stream
 
 
 def _lae(**kwargs: Any) -> LAE:
@@ -103,15 +103,7 @@ def test_every_pet_kind_learns_and_records_the_three_accuracies(pet: str, tmp_pa
 
 def test_resume_after_the_first_task_gives_the_uninterrupted_results(tmp_path: Path) -> None:
     _engine(tmp_path / "reference", _lae()).run()
-    crashing = _lae()
-    original = crashing.before_task
-
-    def crash_at_task_1(task: Task) -> None:
-        if task.index == 1:
-            raise RuntimeError("simulated crash")
-        original(task)
-
-    crashing.before_task = crash_at_task_1  # type: ignore[method-assign]
+    crashing = crash_during(_lae(), 1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _engine(tmp_path / "crashed", crashing).run()
     _engine(tmp_path / "crashed", _lae(), resume=True).run()

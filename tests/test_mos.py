@@ -13,7 +13,7 @@ from torch import nn
 from cil.engine import Engine
 from cil.task import Task
 from methods.mos import MOS
-from tests.conftest import TINY_DATA, cpu_trainers, tiny_backbone, tiny_stream
+from tests.conftest import TINY_DATA, cpu_trainers, crash_during, tiny_backbone, tiny_stream
 
 
 def _mos(**kwargs: Any) -> MOS:
@@ -106,15 +106,7 @@ def test_mos_keeps_task_adapters_and_reports_retrieval(tmp_path: Path) -> None:
 
 def test_resume_after_task_k_gives_the_uninterrupted_results(tmp_path: Path) -> None:
     _run(tmp_path / "reference", _mos()).run()
-    crashing = _mos()
-    original = crashing.before_task
-
-    def crash_at_task_3(task: Task) -> None:
-        if task.index == 3:
-            raise RuntimeError("simulated crash")
-        original(task)
-
-    crashing.before_task = crash_at_task_3  # type: ignore[method-assign]
+    crashing = crash_during(_mos(), 3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path / "crashed", crashing).run()
     _run(tmp_path / "crashed", _mos(), resume=True).run()
