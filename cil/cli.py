@@ -17,7 +17,7 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -61,6 +61,13 @@ class CILCLI(LightningCLI):
         parser.add_argument("--resume", type=bool, default=False, help="continue the run in --out")
         parser.add_argument("--logger", type=str, default="csv", help="csv | tensorboard | none")
         parser.add_argument("--keep_checkpoints", type=int, default=0, help="keep the newest N checkpoints (0: all)")
+        parser.add_argument(
+            "--protocol",
+            type=Literal["class_incremental", "task_incremental"],
+            default="class_incremental",
+            help="class_incremental: one label space, no task id at test time; task_incremental: NEVIS's protocol",
+        )
+        parser.add_argument("--count_flops", type=bool, default=True, help="count training FLOPs per task")
         parser.add_argument(
             "--reported",
             type=dict[str, Any] | None,
@@ -165,6 +172,8 @@ def _run_one(args: list[str], sweep_seed: int | None = None) -> int:
         config=config,
         resume=resume,
         keep_checkpoints=int(cli.config["keep_checkpoints"]),
+        protocol=str(cli.config["protocol"]),
+        count_flops=bool(cli.config["count_flops"]),
     )
     summary = engine.run()
     print(f"\nAccuracy matrix R[i, j] (%), {stream.name}, {config['method_name']}:")

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from torchmetrics.functional.classification import multilabel_average_precision
 
 from cil.data import DataConfig, Transformed, build_transform, make_loader
-from cil.method import CILMethod, method_registry_name
+from cil.method import PROTOCOLS, CILMethod, method_registry_name
 from cil.metrics import TaskAccuracy
 from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atomic_write_text, summarize
 from cil.stream import Stream
@@ -41,7 +44,7 @@ TrainerFactory = Callable[[int, Sequence[Callback], dict[str, Any]], L.Trainer]
 Trainer does not train again). ``overrides`` are the method's per-task Trainer arguments (e.g. ``max_epochs``)."""
 
 # Config keys that steer or describe the run but cannot change its results; resuming may change them.
-_RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger", "reported"}
+_RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger", "reported", "count_flops"}
 _TRAINER_DISPLAY_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "callbacks"}
 
 
@@ -140,6 +143,10 @@ class Engine:
         config: The resolved config, saved as ``config.yaml`` and hashed into every checkpoint.
         resume: Continue after the last checkpoint in ``out`` instead of refusing a non-empty ``out``.
         keep_checkpoints: Keep only the newest N task checkpoints (0: keep all).
+        protocol: ``"class_incremental"`` or ``"task_incremental"`` (see :data:`cil.method.PROTOCOLS`).
+        count_flops: Count the training FLOPs of every task exactly (``torch.utils.flop_counter``: matrix
+            multiplications, convolutions and attention, forward and backward, over the whole fit and
+            ``after_task``), at a small Python overhead per operator.
     """
 
     def __init__(
@@ -154,7 +161,15 @@ class Engine:
         config: dict[str, Any] | None = None,
         resume: bool = False,
         keep_checkpoints: int = 0,
+        protocol: str = "class_incremental",
+        count_flops: bool = True,
     ) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        _check_task_kinds(method, stream, protocol)
+        method.set_protocol(protocol)
+        self.protocol = protocol
+        self.count_flops = count_flops
         self.method = method
         self.stream = stream
         self.out = Path(out)
@@ -207,16 +222,21 @@ class Engine:
         trainer = self.trainer_factory(task.index, [counter], method.trainer_overrides(task))
         self.features.trainer = trainer
         self.features.images = 0
-        if fits:
-            train_data = Transformed(method.train_dataset(task, seen_tasks), self.train_transform)
-            loader = make_loader(train_data, self.data.batch_size, shuffle=True, num_workers=self.data.num_workers)
-            trainer.fit(method, train_dataloaders=loader)
-        method.after_task(task, self.features)
+        flops = FlopCounterMode(display=False) if self.count_flops else None
+        with flops or nullcontext():
+            if fits:
+                train_data = Transformed(method.train_dataset(task, seen_tasks), self.train_transform)
+                loader = make_loader(train_data, self.data.batch_size, shuffle=True, num_workers=self.data.num_workers)
+                trainer.fit(method, train_dataloaders=loader)
+            method.after_task(task, self.features)
         fit_s = time.perf_counter() - started
         train_images = counter.images + self.features.images
 
+        train_flops = flops.get_total_flops() if flops is not None else None
+        earlier_flops = _cumulative_flops(self.task_costs)
+        cumulative_flops = None if train_flops is None or earlier_flops is None else earlier_flops + train_flops
         started_eval = time.perf_counter()
-        self.results.extend(self._evaluate(trainer, task, seen_tasks))
+        self.results.extend(self._evaluate(trainer, task, seen_tasks, cumulative_flops))
         eval_s = time.perf_counter() - started_eval
         self.task_costs.append(
             {
@@ -230,6 +250,7 @@ class Engine:
                 "train_images": train_images,
                 "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type, misc]
                 "trainable_params": trainable,
+                "train_flops": train_flops,
                 "total_params": sum(p.numel() for p in method.parameters()),
                 **method.task_info,
             }
@@ -258,9 +279,12 @@ class Engine:
         return outputs, labels
 
     @torch.no_grad()
-    def _evaluate(self, trainer: L.Trainer, task: Task, seen_tasks: Sequence[Task]) -> list[dict[str, Any]]:
+    def _evaluate(
+        self, trainer: L.Trainer, task: Task, seen_tasks: Sequence[Task], cumulative_flops: int | None
+    ) -> list[dict[str, Any]]:
         method = self.method
         metric = TaskAccuracy(num_tasks=len(seen_tasks))
+        average_precision: dict[int, float] = {}
         for seen in seen_tasks:
             if method.embedding_frozen:
                 embeddings, labels = self.features(seen.test)
@@ -275,25 +299,40 @@ class Engine:
                     f"{type(method).__name__} returned {logits.shape[1]} logits; expected one per seen class "
                     f"({len(method.seen_classes)})"
                 )
-            metric.update(logits, labels, torch.full_like(labels, seen.index))
+            own = logits[:, seen.classes[0] : seen.classes[-1] + 1]  # [N, C_task]
+            if seen.kind == "multilabel":  # mean average precision over the task's labels, as NEVIS scores them
+                score = multilabel_average_precision(own, labels.int(), num_labels=seen.num_classes, average="macro")
+                average_precision[seen.index] = 100.0 * float(score)
+                continue
+            if self.protocol == "task_incremental":  # the task is known: choose among its own classes only
+                predictions = own.argmax(dim=1) + seen.classes[0]
+            else:
+                predictions = logits.argmax(dim=1)
+            metric.update(predictions, labels, torch.full_like(labels, seen.index))
         correct, total = metric.correct.tolist(), metric.total.tolist()
         accuracy = metric.accuracy().tolist()
-        return [
-            {
-                "method": self.method_name,
-                "stream": self.stream.name,
-                "seed": self.seed,
-                "train_task": task.index,
-                "eval_task": seen.index,
-                "train_task_name": task.name,
-                "eval_task_name": seen.name,
-                "n_seen_classes": len(method.seen_classes),
-                "accuracy": round(accuracy[seen.index], 6),
-                "n_correct": correct[seen.index],
-                "n_test": total[seen.index],
-            }
-            for seen in seen_tasks
-        ]
+        rows = []
+        for seen in seen_tasks:
+            multilabel = seen.index in average_precision
+            rows.append(
+                {
+                    "method": self.method_name,
+                    "stream": self.stream.name,
+                    "seed": self.seed,
+                    "protocol": self.protocol,
+                    "train_task": task.index,
+                    "eval_task": seen.index,
+                    "train_task_name": task.name,
+                    "eval_task_name": seen.name,
+                    "n_seen_classes": len(method.seen_classes),
+                    "metric": "map" if multilabel else "top1",
+                    "accuracy": round(average_precision[seen.index] if multilabel else accuracy[seen.index], 6),
+                    "n_correct": None if multilabel else correct[seen.index],
+                    "n_test": len(seen.test) if multilabel else total[seen.index],  # type: ignore[arg-type]
+                    "cum_train_flops": cumulative_flops,
+                }
+            )
+        return rows
 
     # ---- run directory ---------------------------------------------------------------------------------------
     def _write(self, task: Task) -> None:
@@ -361,6 +400,28 @@ class Engine:
         start = int(state["task_index"]) + 1
         log.info("resuming %s after task %d of %d", self.out, start, len(self.stream))
         return start
+
+
+def _cumulative_flops(task_costs: list[dict[str, Any]]) -> int | None:
+    """Training FLOPs of all tasks so far; None if any task was not counted."""
+    counts = [cost.get("train_flops") for cost in task_costs]
+    return None if any(c is None for c in counts) else int(sum(counts))  # type: ignore[arg-type]
+
+
+def _check_task_kinds(method: CILMethod, stream: Stream, protocol: str) -> None:
+    multilabel = [task.name for task in stream if task.kind == "multilabel"]
+    if not multilabel:
+        return
+    if protocol != "task_incremental":
+        raise ValueError(
+            f"stream {stream.name!r} has multi-label tasks ({', '.join(multilabel)}); they have no single label to "
+            "predict in one growing label space, so run them with protocol: task_incremental (or drop them)"
+        )
+    if not method.supports_multilabel:
+        raise ValueError(
+            f"{type(method).__name__} cannot learn multi-label tasks ({', '.join(multilabel)}); use a method that "
+            "can (finetune, simplecil) or drop those tasks from the stream"
+        )
 
 
 def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -54,10 +54,14 @@ class PrototypeHead(nn.Module):
 
     @torch.no_grad()
     def set_prototypes(self, embeddings: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
-        """Sets the prototype of each class in ``classes`` to the mean of its embeddings ``[N, D]``."""
+        """Sets the prototype of each class in ``classes`` to the mean of its embeddings ``[N, D]``.
+
+        ``labels`` are global class ids ``[N]``, or multi-hot targets ``[N, len(classes)]`` of a multi-label task
+        (a class's prototype is then the mean over the images that show it).
+        """
         embeddings = embeddings.to(self.prototypes)
-        for c in classes:
-            members = embeddings[labels == c]
+        for column, c in enumerate(classes):
+            members = embeddings[labels[:, column] > 0] if labels.ndim == 2 else embeddings[labels == c]
             if len(members) == 0:
                 raise ValueError(f"class {c} has no training images, so it has no prototype")
             self.prototypes[c] = members.mean(dim=0)

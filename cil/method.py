@@ -14,7 +14,7 @@ The embedding / classifier split (:meth:`embed`, :meth:`classify`) lets the engi
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import lightning as L
 import torch
@@ -26,7 +26,12 @@ from cil._registry import Registry
 from cil.backbones import Backbone
 from cil.task import Task
 
-__all__ = ["CILMethod", "FeatureFn", "create_method", "list_methods", "register_method"]
+__all__ = ["PROTOCOLS", "CILMethod", "FeatureFn", "create_method", "list_methods", "register_method"]
+
+PROTOCOLS = ("class_incremental", "task_incremental")
+"""``class_incremental``: one label space over all seen tasks, no task identity at test time (PILOT's setting).
+``task_incremental``: the task of every test image is known and it is classified among that task's classes only
+(NEVIS's protocol); training losses likewise compare a sample's logits only within its own task."""
 
 FeatureFn = Callable[[Dataset[Any]], tuple[torch.Tensor, torch.Tensor]]
 """``features(dataset) -> (embeddings [N, D], labels [N])``, computed under the evaluation transform."""
@@ -69,6 +74,10 @@ class CILMethod(L.LightningModule):
     """
 
     head: nn.Module
+    supported_protocols: ClassVar[tuple[str, ...]] = PROTOCOLS
+    """Protocols the method is defined for; the engine refuses the others with a message."""
+    supports_multilabel: ClassVar[bool] = False
+    """Whether the method can learn multi-label tasks (multi-hot targets, sigmoid outputs)."""
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -79,6 +88,19 @@ class CILMethod(L.LightningModule):
         self.task_index = -1
         self.predict_output = "logits"  # the engine switches this to "embedding" for feature extraction
         self.task_info: dict[str, float] = {}  # method-specific facts about the last task, saved in tasks.csv
+        self.protocol = "class_incremental"  # set by the engine from the run's config, see set_protocol
+        self.task_of_class: list[int] = []  # the task that introduced each seen class, indexed by global class id
+
+    def set_protocol(self, protocol: str) -> None:
+        """Chooses the evaluation / training protocol (one of :data:`PROTOCOLS`) before the stream starts."""
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        if protocol not in self.supported_protocols:
+            raise ValueError(
+                f"{type(self).__name__} does not support the {protocol} protocol (it supports "
+                f"{', '.join(self.supported_protocols)})"
+            )
+        self.protocol = protocol
 
     # ---- structure -------------------------------------------------------------------------------------------
     def begin_task(self, task: Task) -> None:
@@ -92,6 +114,7 @@ class CILMethod(L.LightningModule):
         self.task_index = task.index
         self.new_classes = list(task.classes)
         self.seen_classes = self.seen_classes + self.new_classes
+        self.task_of_class = self.task_of_class + [task.index] * task.num_classes
         self.expand_heads(len(task.classes))
 
     def expand_heads(self, num_new: int) -> None:
@@ -143,13 +166,32 @@ class CILMethod(L.LightningModule):
         return (self.embed(x) if self.predict_output == "embedding" else self(x)), y
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Cross-entropy over all seen classes (the sequential fine-tuning loss); methods override it."""
+        """The sequential fine-tuning loss; methods override it.
+
+        Multi-class batches: cross-entropy over all seen classes (``class_incremental``) or over each sample's own
+        task (``task_incremental``). Multi-label batches (targets ``[B, C_task]``): binary cross-entropy on the
+        current task's logits.
+        """
         x, y = batch
         logits = self(x)  # [B, C_seen]
+        if y.ndim == 2:
+            loss = F.binary_cross_entropy_with_logits(logits[:, self.new_classes], y.to(logits.dtype))
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
+            return loss
+        logits = self.protocol_logits(logits, y)
         loss = F.cross_entropy(logits, y)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         self.log("train/acc", (logits.argmax(1) == y).float().mean() * 100, on_epoch=True, batch_size=len(y))
         return loss
+
+    def protocol_logits(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Under ``task_incremental``, masks the logits ``[B, C_seen]`` of classes outside each sample's task (its
+        label ``y [B]`` tells the task), so that a loss competes only within the task; unchanged otherwise."""
+        if self.protocol != "task_incremental":
+            return logits
+        owner = torch.as_tensor(self.task_of_class, device=logits.device)  # [C_seen]
+        same_task = owner[None, :] == owner[y][:, None]  # [B, C_seen]
+        return logits.masked_fill(~same_task, torch.finfo(logits.dtype).min)
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

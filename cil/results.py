@@ -44,14 +44,17 @@ RESULT_COLUMNS = [
     "method",
     "stream",
     "seed",
+    "protocol",
     "train_task",
     "eval_task",
     "train_task_name",
     "eval_task_name",
     "n_seen_classes",
+    "metric",
     "accuracy",
     "n_correct",
     "n_test",
+    "cum_train_flops",
 ]
 
 
@@ -98,7 +101,12 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
     """Headline metrics of one run (accuracies in percent; JSON null where undefined).
 
     ``avg_incremental_acc`` and ``last_acc`` are sample-weighted accuracies on all seen classes' test images
-    (PILOT's A-bar and A_last); forgetting, BWT and FWT are over tasks, see :mod:`cil.metrics`.
+    (PILOT's A-bar and A_last); forgetting, BWT and FWT are over tasks, see :mod:`cil.metrics`. A multi-label
+    task's score is its mean average precision (percent) wherever an accuracy would be.
+
+    NEVIS's headline, ``avg_error``, is the mean over tasks of the error on each task right after training on it
+    (``100 - R[j, j]``); ``final_avg_error`` is the same on the last row (after the whole stream), and
+    ``final_task_scores`` that row itself. ``train_flops`` sums every task's counted training FLOPs.
     """
     finished = int(results["train_task"].max()) + 1
     R = accuracy_matrix(results, finished)
@@ -108,10 +116,12 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
     fit_s, eval_s = float(tasks["fit_s"].sum()), float(tasks["eval_s"].sum())
     train_images, eval_images = float(tasks["train_images"].sum()), float(tasks["eval_images"].sum())
     baseline = np.full(finished, np.nan)  # accuracy of the untrained model: not measured by class-incremental runs
+    flops = tasks["train_flops"] if "train_flops" in tasks else pd.Series([None])
     return {
         "method": str(results["method"].iloc[0]),
         "stream": str(results["stream"].iloc[0]),
         "seed": int(results["seed"].iloc[0]),
+        "protocol": str(results["protocol"].iloc[0]) if "protocol" in results else "class_incremental",
         "finished_tasks": finished,
         "num_tasks": stream_length or finished,
         "complete": stream_length is None or finished == stream_length,
@@ -120,6 +130,9 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
         "avg_forgetting": _finite(metrics.avg_forgetting(R)),
         "bwt": _finite(metrics.bwt(R)),
         "fwt": _finite(metrics.fwt(R, baseline)),
+        "avg_error": _finite(float(np.mean(100.0 - np.diag(R)))),
+        "final_avg_error": _finite(float(np.mean(100.0 - R[-1]))),
+        "final_task_scores": [_finite(v) for v in R[-1]],
         "seen_accuracy": [_finite(v) for v in seen],
         "old_accuracy": [_finite(v) for v in old],
         "new_accuracy": [_finite(v) for v in new],
@@ -128,8 +141,9 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
         "eval_s": round(eval_s, 2),
         "train_images_per_s": round(train_images / fit_s, 2) if fit_s > 0 and train_images > 0 else None,
         "eval_images_per_s": round(eval_images / eval_s, 2) if eval_s > 0 else None,
-        "trainable_params": int(tasks["trainable_params"].max()),
+        "trainable_params": int(tasks["trainable_params"].max()),  # the peak over tasks
         "total_params": int(tasks["total_params"].max()),
+        "train_flops": None if flops.isna().any() else int(flops.sum()),
     }
 
 

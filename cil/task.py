@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-__all__ = ["LabelMapped", "Task", "class_incremental_split", "class_order", "dataset_targets"]
+__all__ = ["TASK_KINDS", "LabelMapped", "Task", "class_incremental_split", "class_order", "dataset_targets"]
+
+TASK_KINDS = ("multiclass", "multilabel")
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,6 +32,9 @@ class Task:
         test: Test split; yields ``(image, global_label)``.
         val: Optional validation split (NEVIS's dev split).
         metadata: Free-form facts about the task (source dataset, year, domain).
+        kind: ``"multiclass"`` (one label per image, scored by top-1 accuracy) or ``"multilabel"`` (the datasets
+            yield a multi-hot ``float`` vector over this task's classes, in the order of ``classes``; scored by
+            mean average precision, as NEVIS scores Pascal VOC and CelebA).
     """
 
     index: int
@@ -40,8 +45,11 @@ class Task:
     test: Dataset[Any]
     val: Dataset[Any] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    kind: str = "multiclass"
 
     def __post_init__(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task {self.name}: kind must be one of {TASK_KINDS}, got {self.kind!r}")
         if len(self.classes) != len(self.class_names):
             raise ValueError(f"task {self.name}: {len(self.classes)} classes but {len(self.class_names)} names")
 
@@ -68,11 +76,11 @@ class LabelMapped(Dataset[tuple[Any, int]]):
 
 def dataset_targets(dataset: Dataset[Any]) -> np.ndarray:
     """Integer labels of a map-style dataset, read from ``targets`` / ``labels`` when present (no image decoding)."""
-    for attribute in ("targets", "labels", "_labels"):
+    for attribute in ("targets", "labels", "_labels", "y"):  # "y": torchvision's Caltech101 / Caltech256
         values = getattr(dataset, attribute, None)
         if values is not None:
             return np.asarray(values, dtype=np.int64)
-    samples = getattr(dataset, "samples", None)  # torchvision ImageFolder
+    samples = getattr(dataset, "samples", None) or getattr(dataset, "_samples", None)  # ImageFolder, StanfordCars
     if samples is not None:
         return np.asarray([label for _, label in samples], dtype=np.int64)
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]

@@ -34,6 +34,8 @@ class Finetune(CILMethod):
             scratch needs, e.g. the tiny test model).
     """
 
+    supports_multilabel = True  # the base training step uses binary cross-entropy on multi-hot targets
+
     def __init__(
         self,
         backbone: Backbone,
@@ -53,6 +55,8 @@ class Finetune(CILMethod):
 @register_method("joint")
 class Joint(Finetune):
     """Upper bound: at every task, restart from the pre-trained backbone and train on all seen tasks' data."""
+
+    supports_multilabel = False  # batches would mix multi-hot and integer targets
 
     def __init__(
         self,

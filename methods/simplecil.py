@@ -22,6 +22,8 @@ from cil.task import Task
 class SimpleCIL(CILMethod):
     """Frozen PTM + cosine nearest-prototype classifier; no gradient step at all."""
 
+    supports_multilabel = True  # a label's prototype averages the images that show it; cosine scores rank them
+
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(backbone)
         self.backbone.requires_grad_(False)
