@@ -50,7 +50,7 @@ class DataConfig:
 class ArrayDataset(Dataset[tuple[np.ndarray, int]]):
     """In-memory images ``[N, H, W]`` or ``[N, H, W, C]`` (``uint8``) with integer labels."""
 
-    def __init__(self, images: np.ndarray, targets: Sequence[int]) -> None:
+    def __init__(self, images: np.ndarray, targets: Sequence[int] | np.ndarray) -> None:
         if len(images) != len(targets):
             raise ValueError(f"{len(images)} images but {len(targets)} labels")
         self.images = images

@@ -35,7 +35,7 @@ from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atom
 from cil.stream import Stream
 from cil.task import Task
 
-__all__ = ["Engine", "TrainerFactory", "config_hash", "make_trainer_factory"]
+__all__ = ["Engine", "TrainerFactory", "config_hash", "describe_stream", "make_trainer_factory"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +198,7 @@ class Engine:
         start = self._restore() if self.resume else self._check_fresh_out()
         if start == 0:
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+            atomic_write_text(self.out / "stream.json", json.dumps(describe_stream(self.stream), indent=2, default=str))
         for task in self.stream.tasks[start:]:
             self._run_task(task)
         return self.summary()
@@ -301,7 +302,10 @@ class Engine:
                 )
             own = logits[:, seen.classes[0] : seen.classes[-1] + 1]  # [N, C_task]
             if seen.kind == "multilabel":  # mean average precision over the task's labels, as NEVIS scores them
-                score = multilabel_average_precision(own, labels.int(), num_labels=seen.num_classes, average="macro")
+                shown = labels.sum(dim=0) > 0  # AP is undefined for labels no test image has (sklearn skips them)
+                score = multilabel_average_precision(
+                    own[:, shown], labels[:, shown].int(), num_labels=int(shown.sum()), average="macro"
+                )
                 average_precision[seen.index] = 100.0 * float(score)
                 continue
             if self.protocol == "task_incremental":  # the task is known: choose among its own classes only
@@ -400,6 +404,23 @@ class Engine:
         start = int(state["task_index"]) + 1
         log.info("resuming %s after task %d of %d", self.out, start, len(self.stream))
         return start
+
+
+def describe_stream(stream: Stream) -> dict[str, Any]:
+    """What the run saw: the stream's build facts (splits, caps, skipped tasks) and each task's size and origin."""
+    tasks = [
+        {
+            "index": task.index,
+            "name": task.name,
+            "kind": task.kind,
+            "num_classes": task.num_classes,
+            "n_train": len(task.train),  # type: ignore[arg-type]
+            "n_test": len(task.test),  # type: ignore[arg-type]
+            **{k: v for k, v in task.metadata.items() if k != "original_classes"},
+        }
+        for task in stream
+    ]
+    return {"name": stream.name, "metadata": stream.metadata, "tasks": tasks}
 
 
 def _cumulative_flops(task_costs: list[dict[str, Any]]) -> int | None:

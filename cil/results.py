@@ -3,8 +3,10 @@
 Run directory contract (later tools rely on these names)::
 
     OUT/config.yaml           resolved config of the run
-    OUT/results.csv           one row per (train_task, eval_task): accuracy, n_correct, n_test, ...
-    OUT/tasks.csv             one row per trained task: cost (fit / eval seconds, images, parameters)
+    OUT/stream.json           the stream as built: tasks, sizes, years, splits, skipped tasks
+    OUT/results.csv           one row per (train_task, eval_task): protocol, metric (top1 | map), accuracy (the
+                              score, percent), n_correct, n_test, cum_train_flops, ...
+    OUT/tasks.csv             one row per trained task: cost (fit / eval seconds, images, parameters, train_flops)
     OUT/accuracy_matrix.csv   R[i, j] in percent (rows: after training task i, columns: task j)
     OUT/summary.json          the headline metrics, see :func:`summarize`
     OUT/checkpoints/task_{i:03d}.ckpt
