@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cil.engine import Engine
-from cil.method import create_method, list_methods, method_class
+from cil.method import PROTOCOLS, create_method, list_methods, method_class
 from tests.conftest import TINY_DATA, cpu_trainers, tiny_backbone, tiny_stream
 
 # Epochs per task that let the tiny ViT learn digit classes from scratch; forward-only methods ignore it.
@@ -45,13 +45,21 @@ def from_scratch_kwargs(name: str) -> dict[str, object]:
     return kwargs
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("name", list_methods())
-def test_method_contract(name: str, tmp_path: Path) -> None:
+def test_method_contract(name: str, protocol: str, tmp_path: Path) -> None:
     stream = tiny_stream(increment=5, train_per_class=60)  # 2 tasks of 5 classes
     torch.manual_seed(0)  # the same random-init backbone whatever ran before
     method = create_method(name, tiny_backbone(global_pool=pool(name)), **from_scratch_kwargs(name))
+    assert protocol in method.supported_protocols, f"{name} does not run under {protocol}"
     engine = Engine(
-        method, stream, tmp_path, trainer_factory=cpu_trainers(tmp_path, max_epochs=EPOCHS), seed=3, data=TINY_DATA
+        method,
+        stream,
+        tmp_path,
+        trainer_factory=cpu_trainers(tmp_path, max_epochs=EPOCHS),
+        seed=3,
+        data=TINY_DATA,
+        protocol=protocol,
     )
     engine.run()
 
@@ -66,6 +74,7 @@ def test_method_contract(name: str, tmp_path: Path) -> None:
     # learns: accuracy on the first task after training it is well above chance (20 % for 5 classes). The bar is
     # modest because the tiny ViT is randomly initialised: prototype methods only get random features (~40 %).
     results = pd.read_csv(tmp_path / "results.csv")
+    assert (results["protocol"] == protocol).all()
     assert (results["method"] == name).all()  # rows carry the registry name, also through the Python API
     first = results.query("train_task == 0 and eval_task == 0")["accuracy"].item()
     if name in NEEDS_PRETRAINED_FEATURES:
