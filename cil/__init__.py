@@ -5,7 +5,7 @@ from cil.data import DataConfig
 from cil.engine import Engine, make_trainer_factory
 from cil.method import CILMethod, create_method, list_methods, register_method
 from cil.metrics import TaskAccuracy
-from cil.results import load_runs, load_summaries
+from cil.results import load_runs, load_summaries, selected_ranks
 from cil.stream import Stream, build_stream, list_streams, register_stream
 from cil.task import Task, class_incremental_split
 
@@ -31,4 +31,5 @@ __all__ = [
     "register_method",
     "register_offline_weights",
     "register_stream",
+    "selected_ranks",
 ]

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 from cil._registry import Registry
+from cil.clip import PREFIX as CLIP_PREFIX
+from cil.clip import build_open_clip
 
 __all__ = ["Backbone", "list_offline_weights", "register_offline_weights"]
 
@@ -112,7 +114,19 @@ class Backbone(nn.Module):
             raise ValueError("choose one of backbone.pretrained, backbone.checkpoint_path, backbone.offline_weights")
         self.name = name
         self.weights = "random"
+        self.model: nn.Module
+        self.num_features: int
         kwargs = dict(model_kwargs or {})
+        if name.startswith(CLIP_PREFIX):  # CLIP through open_clip: the image tower is the backbone
+            if offline_weights:
+                raise ValueError("open_clip backbones take pretrained: true or checkpoint_path, not offline_weights")
+            self.clip, self.tokenizer, self.input_size, self.mean, self.std = build_open_clip(
+                name, pretrained, checkpoint_path, kwargs, input_size
+            )
+            self.model = self.clip.visual
+            self.weights = checkpoint_path or ("openai" if pretrained else "random")
+            self.num_features = int(self.clip.visual.output_dim)
+            return
         try:
             if input_size and "img_size" not in kwargs and _fixed_grid(name, kwargs) not in (None, input_size):
                 # ViTs are built for one image size (position embeddings): build for the requested one
@@ -141,7 +155,7 @@ class Backbone(nn.Module):
         self.input_size = int(input_size or native[-1])
         self.mean = tuple(float(v) for v in config["mean"])
         self.std = tuple(float(v) for v in config["std"])
-        self.num_features: int = self.model.num_features  # type: ignore[assignment]
+        self.num_features = self.model.num_features  # type: ignore[assignment]
 
     def _load(self, state: dict[str, torch.Tensor], source: str) -> None:
         own = self.model.state_dict()

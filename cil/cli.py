@@ -69,6 +69,12 @@ class CILCLI(LightningCLI):
         )
         parser.add_argument("--count_flops", type=bool, default=True, help="count training FLOPs per task")
         parser.add_argument(
+            "--retention",
+            type=dict[str, Any] | None,
+            default=None,
+            help="held-out stream for the retention probe ({name: <registered stream>, ...}), never trained",
+        )
+        parser.add_argument(
             "--reported",
             type=dict[str, Any] | None,
             default=None,
@@ -174,6 +180,7 @@ def _run_one(args: list[str], sweep_seed: int | None = None) -> int:
         keep_checkpoints=int(cli.config["keep_checkpoints"]),
         protocol=str(cli.config["protocol"]),
         count_flops=bool(cli.config["count_flops"]),
+        retention=build_stream(config["retention"], seed=seed) if config.get("retention") else None,
     )
     summary = engine.run()
     print(f"\nAccuracy matrix R[i, j] (%), {stream.name}, {config['method_name']}:")

@@ -13,7 +13,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from cil.data import DataConfig, Transformed, build_transform, make_loader
 from cil.method import PROTOCOLS, CILMethod, method_registry_name
 from cil.metrics import TaskAccuracy
 from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atomic_write_text, summarize
+from cil.retention import retention_accuracy
 from cil.stream import Stream
 from cil.task import Task
 
@@ -77,8 +77,11 @@ def make_trainer_factory(
 
     def factory(task_index: int, callbacks: Sequence[Callback], overrides: dict[str, Any]) -> L.Trainer:
         version = f"task_{task_index:03d}"
+        overrides = dict(overrides)
         task_logger: Logger | bool
-        if logger == "csv":
+        if overrides.pop("logger", True) is False:  # a trainer that only predicts (the retention probe)
+            task_logger = False
+        elif logger == "csv":
             task_logger = CSVLogger(out / "logs", name="", version=version)
         elif logger == "tensorboard":
             task_logger = TensorBoardLogger(out / "logs", name="", version=version)
@@ -105,6 +108,85 @@ class _ImageCounter(Callback):
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, i: int
     ) -> None:
         self.images += len(batch[1])
+
+
+class _FlopSampler(Callback):
+    """Training FLOPs: counted exactly (``torch.utils.flop_counter``: matrix multiplications, convolutions and
+    attention, forward and backward) on the first ``sample`` batches of every training epoch and of every feature
+    extraction while ``count_predictions`` is on, then scaled by the images of that epoch / extraction. Counting
+    every batch would cost a Python dispatch per operator (4x the run time of MOS on the tiny test ViT); sampling
+    keeps the count exact for any model whose cost per image is constant within an epoch."""
+
+    def __init__(self, sample: int = 1) -> None:
+        self.sample = sample
+        self.total = 0.0
+        self.count_predictions = False
+        self._mode: FlopCounterMode | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self._sampled_batches = 0
+        self._sampled_flops = 0
+        self._sampled_images = 0
+        self._images = 0
+
+    def _start_batch(self) -> None:
+        if self._sampled_batches < self.sample:
+            self._mode = FlopCounterMode(display=False)
+            self._mode.__enter__()
+
+    def _end_batch(self, batch: Any) -> None:
+        images = len(batch[1])
+        self._images += images
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._sampled_flops += self._mode.get_total_flops()
+            self._sampled_images += images
+            self._sampled_batches += 1
+            self._mode = None
+
+    def _end_phase(self) -> None:
+        if self._sampled_images:
+            self.total += self._sampled_flops / self._sampled_images * self._images
+        self._reset()
+
+    def on_train_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._reset()
+
+    def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, i: int) -> None:
+        self._start_batch()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, i: int
+    ) -> None:
+        self._end_batch(batch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._end_phase()
+
+    def on_predict_epoch_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._reset()
+
+    def on_predict_batch_start(
+        self, trainer: L.Trainer, module: L.LightningModule, batch: Any, i: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.count_predictions:
+            self._start_batch()
+
+    def on_predict_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, i: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.count_predictions:
+            self._end_batch(batch)
+
+    def on_predict_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if self.count_predictions:
+            self._end_phase()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(None, None, None)
+            self._mode = None
 
 
 class _FeatureCache:
@@ -144,9 +226,11 @@ class Engine:
         resume: Continue after the last checkpoint in ``out`` instead of refusing a non-empty ``out``.
         keep_checkpoints: Keep only the newest N task checkpoints (0: keep all).
         protocol: ``"class_incremental"`` or ``"task_incremental"`` (see :data:`cil.method.PROTOCOLS`).
-        count_flops: Count the training FLOPs of every task exactly (``torch.utils.flop_counter``: matrix
-            multiplications, convolutions and attention, forward and backward, over the whole fit and
-            ``after_task``), at a small Python overhead per operator.
+        retention: Held-out tasks that are never trained: the nearest-prototype accuracy of the backbone's features
+            on them is measured before the first task and after every task (:mod:`cil.retention`).
+        count_flops: Count the training FLOPs of every task (see :class:`_FlopSampler`): the fit and the feature
+            extractions of ``after_task``; a method's own arithmetic on cached features (MOS's classifier alignment)
+            is not counted.
     """
 
     def __init__(
@@ -163,6 +247,7 @@ class Engine:
         keep_checkpoints: int = 0,
         protocol: str = "class_incremental",
         count_flops: bool = True,
+        retention: Stream | None = None,
     ) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -170,6 +255,7 @@ class Engine:
         method.set_protocol(protocol)
         self.protocol = protocol
         self.count_flops = count_flops
+        self.retention = retention
         self.method = method
         self.stream = stream
         self.out = Path(out)
@@ -215,29 +301,38 @@ class Engine:
         seen_tasks = self.stream.tasks[: task.index + 1]
         L.seed_everything(self.seed + task.index, workers=True, verbose=False)
         log.info("task %d/%d %s: %d new classes", task.index + 1, len(self.stream), task.name, task.num_classes)
+        retention_before = None
+        if self.retention is not None and task.index == 0:  # the pre-trained model, before anything changes it
+            retention_before = self._retention(self.trainer_factory(task.index, [], {"logger": False}))
         started = time.perf_counter()
         method.begin_task(task)
         fits = method.needs_fit(task)
         trainable = method.num_trainable_parameters() if fits else 0  # before after_task may freeze it
         counter = _ImageCounter()
-        trainer = self.trainer_factory(task.index, [counter], method.trainer_overrides(task))
+        flops = _FlopSampler() if self.count_flops else None
+        callbacks: list[Callback] = [counter] if flops is None else [counter, flops]
+        trainer = self.trainer_factory(task.index, callbacks, method.trainer_overrides(task))
         self.features.trainer = trainer
         self.features.images = 0
-        flops = FlopCounterMode(display=False) if self.count_flops else None
-        with flops or nullcontext():
-            if fits:
-                train_data = Transformed(method.train_dataset(task, seen_tasks), self.train_transform)
-                loader = make_loader(train_data, self.data.batch_size, shuffle=True, num_workers=self.data.num_workers)
-                trainer.fit(method, train_dataloaders=loader)
-            method.after_task(task, self.features)
+        if fits:
+            train_data = Transformed(method.train_dataset(task, seen_tasks), self.train_transform)
+            loader = make_loader(train_data, self.data.batch_size, shuffle=True, num_workers=self.data.num_workers)
+            trainer.fit(method, train_dataloaders=loader)
+        if flops is not None:
+            flops.count_predictions = True  # feature extraction for prototypes etc. is part of training
+        method.after_task(task, self.features)
+        if flops is not None:
+            flops.count_predictions = False
         fit_s = time.perf_counter() - started
         train_images = counter.images + self.features.images
 
-        train_flops = flops.get_total_flops() if flops is not None else None
+        train_flops = round(flops.total) if flops is not None else None
         earlier_flops = _cumulative_flops(self.task_costs)
         cumulative_flops = None if train_flops is None or earlier_flops is None else earlier_flops + train_flops
         started_eval = time.perf_counter()
-        self.results.extend(self._evaluate(trainer, task, seen_tasks, cumulative_flops))
+        rows = self._evaluate(trainer, task, seen_tasks, cumulative_flops)
+        retention = self._retention(trainer) if self.retention is not None else None
+        self.results.extend({**row, "retention_acc": retention} for row in rows)
         eval_s = time.perf_counter() - started_eval
         self.task_costs.append(
             {
@@ -252,12 +347,18 @@ class Engine:
                 "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type, misc]
                 "trainable_params": trainable,
                 "train_flops": train_flops,
+                **({} if retention is None else {"retention_acc": retention}),
+                **({} if retention_before is None else {"retention_before": retention_before}),
                 "total_params": sum(p.numel() for p in method.parameters()),
                 **method.task_info,
             }
         )
         method.task_info = {}
         self._write(task)
+
+    def _retention(self, trainer: L.Trainer) -> float:
+        assert self.retention is not None
+        return retention_accuracy(self.retention, lambda data: self._predict(trainer, data, "backbone"))["mean"]
 
     def _predict(
         self, trainer: L.Trainer | None, dataset: Dataset[Any], output: str

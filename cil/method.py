@@ -161,8 +161,10 @@ class CILMethod(L.LightningModule):
         return self.classify(self.embed(x))
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embeddings or logits, labels)``; the engine picks the output with ``predict_output``."""
+        """``(embeddings, backbone features or logits, labels)``; the engine picks with ``predict_output``."""
         x, y = batch
+        if self.predict_output == "backbone":  # the shared network's own features (the retention probe)
+            return self.backbone(x), y
         return (self.embed(x) if self.predict_output == "embedding" else self(x)), y
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:

@@ -25,6 +25,7 @@ __all__ = [
     "overview",
     "seen_accuracy_curves",
     "seen_accuracy_per_step",
+    "selected_ranks_heatmap",
 ]
 
 
@@ -76,6 +77,29 @@ def accuracy_heatmap(results: pd.DataFrame, ax: Axes | None = None, annotate: bo
     ax.set_xticks(range(R.shape[1]))
     ax.set_yticks(range(R.shape[0]))
     return ax
+
+
+def selected_ranks_heatmap(ranks: pd.DataFrame, ax: Axes | None = None, annotate: bool = True) -> Axes:
+    """The rank each LoRA layer kept, per task (rows: layers, columns: tasks), from :func:`cil.selected_ranks`."""
+    ax = _axes(ax)
+    grid = ranks.pivot(index="layer", columns="task", values="rank")
+    grid = grid.loc[sorted(grid.index, key=_layer_order)]
+    image = ax.imshow(grid.to_numpy(dtype=float), cmap="viridis", vmin=0, aspect="auto")
+    ax.set_xticks(range(grid.shape[1]), [str(t) for t in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), list(grid.index), fontsize=6)
+    if annotate and grid.size <= 400:
+        for (row, col), value in np.ndenumerate(grid.to_numpy()):
+            ax.text(col, row, str(int(value)), ha="center", va="center", fontsize=5, color="white")
+    ax.set(xlabel="after task", title="selected LoRA rank per layer")
+    ax.figure.colorbar(image, ax=ax, fraction=0.04)
+    return ax
+
+
+def _layer_order(layer: str) -> tuple[int, str]:
+    """``blocks.10.attn.qkv.q`` after ``blocks.9.mlp.fc2``: by block number, then name."""
+    parts = layer.split(".")
+    number = next((int(p) for p in parts if p.isdigit()), -1)
+    return number, layer
 
 
 def seen_accuracy_per_step(runs: pd.DataFrame) -> pd.DataFrame:

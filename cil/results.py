@@ -39,6 +39,7 @@ __all__ = [
     "find_runs",
     "load_runs",
     "load_summaries",
+    "selected_ranks",
     "summarize",
 ]
 
@@ -57,6 +58,7 @@ RESULT_COLUMNS = [
     "n_correct",
     "n_test",
     "cum_train_flops",
+    "retention_acc",
 ]
 
 
@@ -146,7 +148,32 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
         "trainable_params": int(tasks["trainable_params"].max()),  # the peak over tasks
         "total_params": int(tasks["total_params"].max()),
         "train_flops": None if flops.isna().any() else int(flops.sum()),
+        **_retention_summary(tasks),
     }
+
+
+def _retention_summary(tasks: pd.DataFrame) -> dict[str, Any]:
+    """The retention probe (:mod:`cil.retention`) before the stream, after each task, and its drop."""
+    if "retention_acc" not in tasks or "retention_before" not in tasks:
+        return {}
+    before = float(tasks["retention_before"].iloc[0])
+    after = [float(v) for v in tasks["retention_acc"]]
+    return {
+        "retention_acc_before": round(before, 4),
+        "retention_acc": [round(v, 4) for v in after],
+        "retention_drop": round(before - after[-1], 4),
+    }
+
+
+def selected_ranks(tasks: pd.DataFrame) -> pd.DataFrame:
+    """The rank each LoRA layer kept after each task (CoDyRA's ``rank/<layer>`` columns of ``tasks.csv``), as a
+    long frame ``(task, layer, rank)``."""
+    columns = [c for c in tasks.columns if c.startswith("rank/")]
+    if not columns:
+        raise ValueError("tasks.csv has no rank/<layer> columns; only rank-selective methods (codyra) record them")
+    long = tasks.melt(id_vars=["task"], value_vars=columns, var_name="layer", value_name="rank")
+    long["layer"] = long["layer"].str.removeprefix("rank/")
+    return long.astype({"rank": int}).reset_index(drop=True)
 
 
 def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:

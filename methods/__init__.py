@@ -1,6 +1,7 @@
 """Built-in methods; importing this package registers them (``cil.list_methods()`` does it on demand)."""
 
 from methods.aper import APER, APERSSF, APERAdapter, APERFinetune, APERVPTDeep, APERVPTShallow
+from methods.codyra import CoDyRA
 from methods.finetune import Finetune, Joint
 from methods.lae import LAE, LAEAdapter, LAELoRA, LAEPrefix
 from methods.mos import MOS
@@ -15,6 +16,7 @@ __all__ = [
     "APERFinetune",
     "APERVPTDeep",
     "APERVPTShallow",
+    "CoDyRA",
     "Finetune",
     "Joint",
     "LAEAdapter",

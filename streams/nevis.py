@@ -50,7 +50,7 @@ class TaskSpec:
     """One task of a stream spec: which dataset, from which year, read how."""
 
     dataset: str
-    year: int
+    year: int | None
     source: dict[str, Any] = field(default_factory=lambda: {"type": "image_folder"})
     root: str | None = None
     kind: str = "multiclass"
@@ -62,10 +62,10 @@ class TaskSpec:
         unknown = sorted(set(entry) - known)
         if unknown:
             raise KeyError(f"{where}: unknown task key(s) {unknown}; valid keys: {sorted(known)}")
-        for key in ("dataset", "year"):
-            if key not in entry:
-                raise KeyError(f"{where}: every task needs {key!r}, got {entry}")
-        spec = cls(**{**entry, "year": int(entry["year"]), "dataset": str(entry["dataset"])})
+        if "dataset" not in entry:
+            raise KeyError(f"{where}: every task needs a 'dataset' name, got {entry}")
+        year = None if entry.get("year") is None else int(entry["year"])
+        spec = cls(**{**entry, "year": year, "dataset": str(entry["dataset"])})
         if spec.kind not in TASK_KINDS:
             raise ValueError(f"{where}: kind must be one of {TASK_KINDS}, got {spec.kind!r}")
         if spec.source.get("type") != "offline" and spec.root is None:
@@ -105,7 +105,9 @@ def build_task_stream(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     data_root = Path(root).expanduser()
-    wanted = [spec for spec in specs if stop_year is None or spec.year < stop_year]
+    if stop_year is not None and any(spec.year is None for spec in specs):
+        raise ValueError(f"stream {name!r}: stop_year needs a year on every task")
+    wanted = [spec for spec in specs if stop_year is None or spec.year < stop_year]  # type: ignore[operator]
     absent: list[tuple[TaskSpec, str]] = []
     for spec in wanted:
         problem = missing(spec.source, data_root / spec.root if spec.root is not None else None)
@@ -119,7 +121,7 @@ def build_task_stream(
             "Put the data there, or set skip_missing: true to run only the tasks that are present."
         )
     for spec, problem in absent:
-        log.warning("stream %s: skipping %s (%d): %s", name, spec.dataset, spec.year, problem)
+        log.warning("stream %s: skipping %s (%s): %s", name, spec.dataset, spec.year, problem)
     skipped = {id(spec) for spec, _ in absent}
     tasks: list[Task] = []
     names: set[str] = set()
@@ -129,7 +131,7 @@ def build_task_stream(
             continue
         path = data_root / spec.root if spec.root is not None else None
         source = read_source(spec.source, path, download=download)
-        task_name = _unique(f"{_slug(spec.dataset)}_{spec.year}", names)
+        task_name = _unique(_slug(spec.dataset) + (f"_{spec.year}" if spec.year is not None else ""), names)
         task, n_dropped = _make_task(spec, source, len(tasks), task_name, sum(t.num_classes for t in tasks), mode,
                                      split_seed, train_per_class, test_per_class)  # fmt: skip
         if n_dropped:
@@ -364,7 +366,8 @@ def nevis_offline(
 def dataset_stream(
     tasks: list[dict[str, Any]],
     root: str = ".",
-    name: str = "dataset_stream",
+    stream_name: str = "dataset_stream",
+    keep_order: bool = False,
     mode: str = "test",
     dev_stop_year: int | None = None,
     stop_year: int | None = None,
@@ -374,7 +377,8 @@ def dataset_stream(
     test_per_class: int | None = None,
 ) -> Stream:
     """Your own NEVIS-style stream, written in the config: a list of ``{dataset, year, root}`` (ImageFolder roots by
-    default; any ``source`` of a spec works), ordered by year (stable for equal years).
+    default; any ``source`` of a spec works), ordered by year (stable for equal years), or as listed with
+    ``keep_order: true`` (then years are optional). ``stream_name`` names the stream in the results.
 
     Example::
 
@@ -385,11 +389,16 @@ def dataset_stream(
             - {dataset: leaves, year: 2012, root: leaves}      # leaves/<class>/*.jpg (split by the NEVIS rule)
             - {dataset: insects, year: 2019, root: insects}    # insects/{train,test}/<class>/*.jpg
     """
-    specs = sorted((TaskSpec.parse(dict(t), f"stream.tasks[{i}]") for i, t in enumerate(tasks)), key=lambda s: s.year)
+    specs = [TaskSpec.parse(dict(t), f"stream.tasks[{i}]") for i, t in enumerate(tasks)]
+    if not keep_order:
+        undated = [spec.dataset for spec in specs if spec.year is None]
+        if undated:
+            raise ValueError(f"tasks {undated} have no year: give every task one, or set keep_order: true")
+        specs.sort(key=lambda spec: spec.year)  # type: ignore[arg-type, return-value]
     if mode == "dev" and stop_year is None:
         stop_year = dev_stop_year
     return build_task_stream(
-        name,
+        stream_name,
         specs,
         root=root,
         mode=mode,

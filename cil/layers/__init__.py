@@ -15,7 +15,7 @@ from torch import nn
 from cil.layers._adapter import Adapter, MLPWithAdapter, inject_adapter
 from cil.layers._base import PEFTModule, select_blocks, unwrap, vit_blocks
 from cil.layers._flat import FlatPEFT
-from cil.layers._lora import LoRALinear, inject_lora
+from cil.layers._lora import LoRALinear, _AddLoRA, inject_lora, inject_lora_open_clip
 from cil.layers._prompt import PrefixAttention, PromptedBlock, inject_prefix, inject_vpt
 from cil.layers._ssf import ScaleShift, inject_ssf
 
@@ -31,9 +31,11 @@ __all__ = [
     "ScaleShift",
     "freeze_except_peft",
     "inject",
+    "inject_lora_open_clip",
     "merge_lora",
     "peft_modules",
     "peft_parameters",
+    "unload_lora",
     "unwrap",
     "vit_blocks",
 ]
@@ -88,6 +90,26 @@ def freeze_except_peft(model: nn.Module) -> None:
     model.requires_grad_(False)
     for parameter in peft_parameters(model):
         parameter.requires_grad_(True)
+
+
+def unload_lora(model: nn.Module) -> int:
+    """Merges every :class:`LoRALinear` into its weight and puts the plain layer back in its place, so the model
+    has its original architecture and parameter count again; returns how many modules were removed."""
+    from torch.nn.utils import parametrize
+
+    removed = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear) and not isinstance(parent, _AddLoRA):  # those merge below
+                child.merge()
+                setattr(parent, name, child.base)
+                removed += 1
+        if parametrize.is_parametrized(parent):  # LoRA as a weight parametrization (open_clip)
+            for tensor in list(parent.parametrizations.keys()):  # type: ignore[union-attr, operator]
+                if any(isinstance(p, _AddLoRA) for p in parent.parametrizations[tensor]):  # type: ignore[index]
+                    parametrize.remove_parametrizations(parent, tensor, leave_parametrized=True)
+                    removed += 1
+    return removed
 
 
 def merge_lora(model: nn.Module) -> int:
