@@ -35,7 +35,9 @@ def build_open_clip(
         model = open_clip.CLIP(**model_kwargs)
     else:
         source = checkpoint_path or ("openai" if pretrained else None)
-        extra = {"force_image_size": input_size} if input_size else {}
+        extra: dict[str, Any] = {"force_image_size": input_size} if input_size else {}
+        if source == "openai":  # OpenAI trained with QuickGELU; open_clip's plain configs use GELU
+            extra["force_quick_gelu"] = True
         try:
             model = open_clip.create_model(architecture, pretrained=source, **model_kwargs, **extra)
         except RuntimeError as error:

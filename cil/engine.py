@@ -299,11 +299,11 @@ class Engine:
     def _run_task(self, task: Task) -> None:
         method = self.method
         seen_tasks = self.stream.tasks[: task.index + 1]
-        L.seed_everything(self.seed + task.index, workers=True, verbose=False)
-        log.info("task %d/%d %s: %d new classes", task.index + 1, len(self.stream), task.name, task.num_classes)
         retention_before = None
         if self.retention is not None and task.index == 0:  # the pre-trained model, before anything changes it
             retention_before = self._retention(self.trainer_factory(task.index, [], {"logger": False}))
+        L.seed_everything(self.seed + task.index, workers=True, verbose=False)  # after the probe: same RNG either way
+        log.info("task %d/%d %s: %d new classes", task.index + 1, len(self.stream), task.name, task.num_classes)
         started = time.perf_counter()
         method.begin_task(task)
         fits = method.needs_fit(task)
@@ -404,8 +404,12 @@ class Engine:
             own = logits[:, seen.classes[0] : seen.classes[-1] + 1]  # [N, C_task]
             if seen.kind == "multilabel":  # mean average precision over the task's labels, as NEVIS scores them
                 shown = labels.sum(dim=0) > 0  # AP is undefined for labels no test image has (sklearn skips them)
-                score = multilabel_average_precision(
-                    own[:, shown], labels[:, shown].int(), num_labels=int(shown.sum()), average="macro"
+                score = (
+                    multilabel_average_precision(
+                        own[:, shown], labels[:, shown].int(), num_labels=int(shown.sum()), average="macro"
+                    )
+                    if shown.any()
+                    else torch.tensor(float("nan"))
                 )
                 average_precision[seen.index] = 100.0 * float(score)
                 continue
@@ -527,7 +531,7 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
 def _cumulative_flops(task_costs: list[dict[str, Any]]) -> int | None:
     """Training FLOPs of all tasks so far; None if any task was not counted."""
     counts = [cost.get("train_flops") for cost in task_costs]
-    return None if any(c is None for c in counts) else int(sum(counts))  # type: ignore[arg-type]
+    return None if any(c is None for c in counts) else sum(int(c) for c in counts)  # type: ignore[arg-type]
 
 
 def _check_task_kinds(method: CILMethod, stream: Stream, protocol: str) -> None:

@@ -104,8 +104,9 @@ def _layer_order(layer: str) -> tuple[int, str]:
 
 def seen_accuracy_per_step(runs: pd.DataFrame) -> pd.DataFrame:
     """Accuracy on all seen classes after each step (test images pooled), one row per (run, step)."""
-    pooled = runs.groupby(["run", "method", "stream", "seed", "train_task"], sort=False)[["n_correct", "n_test"]].sum()
-    pooled["seen_accuracy"] = 100.0 * pooled["n_correct"] / pooled["n_test"]
+    runs = runs.assign(n_hit=runs["accuracy"] * runs["n_test"] / 100.0)  # also for mAP rows, which have no n_correct
+    pooled = runs.groupby(["run", "method", "stream", "seed", "train_task"], sort=False)[["n_hit", "n_test"]].sum()
+    pooled["seen_accuracy"] = 100.0 * pooled["n_hit"] / pooled["n_test"]
     return pooled.reset_index()
 
 

@@ -147,7 +147,7 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
         "eval_images_per_s": round(eval_images / eval_s, 2) if eval_s > 0 else None,
         "trainable_params": int(tasks["trainable_params"].max()),  # the peak over tasks
         "total_params": int(tasks["total_params"].max()),
-        "train_flops": None if flops.isna().any() else int(flops.sum()),
+        "train_flops": None if flops.isna().any() else sum(int(v) for v in flops),  # Python ints: no int64 overflow
         **_retention_summary(tasks),
     }
 

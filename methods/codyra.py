@@ -138,18 +138,19 @@ class CoDyRA(CILMethod):
 
     def threshold(self, step: int, total: int) -> float:
         """The soft-threshold after optimiser step ``step`` (0-based) of ``total``: 0 while dense, then rising in
-        ``threshold_levels`` equal levels to ``kappa_max``."""
+        ``threshold_levels`` equal levels to ``kappa_max``, spread evenly over the sparse steps."""
         dense = int(self.dense_fraction * total)
         if step < dense:
             return 0.0
-        interval = max(1, (total - dense) // self.threshold_levels)
-        level = min(self.threshold_levels - 1, (step - dense) // interval + 1)
-        return self.kappa_max * level / max(1, self.threshold_levels - 1)
+        levels = max(1, self.threshold_levels)
+        level = min(levels, 1 + (step - dense) * levels // max(1, total - dense))  # 1..levels
+        return self.kappa_max * level / levels
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         if self.rank_selection:
-            kappa = self.threshold(self.trainer.global_step - 1, int(self.trainer.estimated_stepping_batches))
+            # inside optimizer_step Lightning has not counted this step yet: global_step is its 0-based index
+            kappa = self.threshold(self.trainer.global_step, int(self.trainer.estimated_stepping_batches))
             if kappa > 0:
                 for module in self.lora:
                     module.soft_threshold_(kappa)

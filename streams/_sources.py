@@ -106,6 +106,18 @@ def missing(source: dict[str, Any], path: Path | None) -> str | None:
 
 # ---- readers -------------------------------------------------------------------------------------------------------
 def read_source(source: dict[str, Any], path: Path | None, download: bool = False) -> SourceData:
+    """Reads ``source``; ``source.class_names`` (a list, in label order) replaces names the dataset lacks
+    (torchvision's Flowers102 has none), which a class-name classifier (CLIP) needs."""
+    data = _read(source, path, download)
+    names = source.get("class_names")
+    if names is not None:
+        if len(names) != len(data.class_names):
+            raise ValueError(f"source.class_names has {len(names)} names for {len(data.class_names)} classes")
+        data.class_names = [str(n) for n in names]
+    return data
+
+
+def _read(source: dict[str, Any], path: Path | None, download: bool) -> SourceData:
     kind = source["type"]
     if kind == "offline":
         return OFFLINE_SOURCES[source["name"]][1]()

@@ -10,8 +10,12 @@ Splits, as dm_nevis defines them (seeded by ``split_seed``, stratified by class 
 
 * official train + test: the official train split is cut 70 / 15 / 15 into train / dev / dev_test;
 * official train + validation + test: train is cut 80 / 20 into train / dev; dev_test is the validation split;
-* no official split: one stratified cut of everything, 56 / 12 / 12 / 20 into train / dev / dev_test / test
-  (dm_nevis's own datasets carry per-dataset splits; this is our uniform rule for them).
+* no official split: one stratified cut of everything, 56 / 12 / 12 / 20 into train / dev / dev_test / test.
+
+These are dm_nevis's rules for its TFDS datasets with a train / test split (and with a validation split). dm_nevis
+departs from them for a few datasets (ImageNet 90 / 5 / 5; VOC 2012: val halved into dev_test and test), and its
+own datasets carry per-dataset splits (COIL-100 by view angle, ...); here the uniform rules apply to all of them,
+so per-task numbers on those datasets are not comparable with NEVIS's to the decimal.
 
 ``mode: test`` (NEVIS's test stream) trains on train + dev and scores on test; ``mode: dev`` trains on train,
 exposes dev as the task's ``val`` split and scores on dev_test, and stops before ``dev_stop_year`` (2020 for the

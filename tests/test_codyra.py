@@ -84,6 +84,13 @@ def test_codyra_selects_ranks_per_layer_and_leaves_the_original_architecture(tmp
     assert ranks["layer"].str.contains("blocks.1.attn.qkv.k").any()
     assert ranks["rank"].between(0, 4).all() and ranks["rank"].lt(4).any()  # thresholding dropped ranks
     assert (tasks["trainable_params"] > 0).all()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from cil.plots import selected_ranks_heatmap
+
+    ax = selected_ranks_heatmap(ranks)
+    assert len(ax.get_yticklabels()) == 12 and ax.get_yticklabels()[0].get_text().startswith("blocks.0.")
 
     plain = run_codyra(tmp_path / "lora", rank_selection=False)
     plain_ranks = selected_ranks(pd.read_csv(tmp_path / "lora" / "tasks.csv"))

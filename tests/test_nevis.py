@@ -180,3 +180,12 @@ def test_offline_nevis_config_runs_under_both_protocols(protocol: str, tmp_path:
     assert summary["train_flops"] > 0 and 0 <= summary["avg_error"] <= 100
     described = json.loads((tmp_path / "stream.json").read_text())
     assert [t["year"] for t in described["tasks"]] == [1998, 1998, 2004]
+
+
+def test_user_streams_keep_their_listed_order_only_when_asked(user_stream: Path) -> None:
+    spec = user_spec(user_stream)
+    spec["tasks"] = [{"dataset": "insects", "root": "insects"}, {"dataset": "leaves", "root": "leaves"}]
+    with pytest.raises(ValueError, match=r"no year.*keep_order: true"):
+        build_stream(spec)
+    stream = build_stream({**spec, "keep_order": True, "stream_name": "mine"})
+    assert stream.name == "mine" and [t.name for t in stream] == ["insects", "leaves"]
