@@ -530,8 +530,8 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
 
 def _cumulative_flops(task_costs: list[dict[str, Any]]) -> int | None:
     """Training FLOPs of all tasks so far; None if any task was not counted."""
-    counts = [cost.get("train_flops") for cost in task_costs]
-    return None if any(c is None for c in counts) else sum(int(c) for c in counts)  # type: ignore[arg-type]
+    counts: list[Any] = [cost.get("train_flops") for cost in task_costs]
+    return None if any(c is None for c in counts) else sum(int(c) for c in counts)
 
 
 def _check_task_kinds(method: CILMethod, stream: Stream, protocol: str) -> None:
