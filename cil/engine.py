@@ -382,7 +382,7 @@ class Engine:
 
     @torch.no_grad()
     def _evaluate(
-        self, trainer: L.Trainer, task: Task, seen_tasks: Sequence[Task], cumulative_flops: int | None
+        self, trainer: L.Trainer, task: Task, seen_tasks: Sequence[Task], cumulative_flops: int | None = None
     ) -> list[dict[str, Any]]:
         method = self.method
         metric = TaskAccuracy(num_tasks=len(seen_tasks))

@@ -174,6 +174,7 @@ def test_offline_nevis_config_runs_under_both_protocols(protocol: str, tmp_path:
     tiny = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
     stream = "{name: nevis_offline, train_per_class: 4, test_per_class: 4, stop_year: 2005}"
     args = ["run", "--config", config, "--config", tiny, "--stream", stream, "--protocol", protocol]
+    args += ["--count_flops", "true"]  # the tiny overrides switch counting off
     assert main([*args, "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["protocol"] == protocol and summary["num_tasks"] == 3
