@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import multilabel_average_precision
 
 from cil.data import DataConfig, Transformed, build_transform, make_loader
-from cil.method import PROTOCOLS, CILMethod, method_registry_name
+from cil.method import CILMethod, method_registry_name
 from cil.metrics import TaskAccuracy
 from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atomic_write_text, summarize
 from cil.retention import retention_accuracy
@@ -249,10 +249,8 @@ class Engine:
         count_flops: bool = True,
         retention: Stream | None = None,
     ) -> None:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        method.set_protocol(protocol)  # validates the name and the method's support
         _check_task_kinds(method, stream, protocol)
-        method.set_protocol(protocol)
         self.protocol = protocol
         self.count_flops = count_flops
         self.retention = retention

@@ -158,14 +158,14 @@ class CoDyRA(CILMethod):
     def after_task(self, task: Task, features: FeatureFn) -> None:
         """Records each layer's selected rank, then merges the update into the weights and removes the modules."""
         names = {id(module): name for name, module in self.backbone.named_modules()}
+        ranks: list[int] = []
         for module in self.lora:
             for target, rank in module.active_ranks().items():
                 label = names[id(module)].removeprefix("model.").replace(".parametrizations.", ".")
                 label = label.removesuffix(".0.lora")  # open_clip: <block>.attn.in_proj_weight
                 self.task_info[f"rank/{label}.{target}" if target != "all" else f"rank/{label}"] = rank
-        self.task_info["mean_rank"] = sum(
-            r for m in self.lora for r in m.active_ranks().values()
-        ) / max(1, sum(len(m.slices) for m in self.lora))  # fmt: skip
+                ranks.append(rank)
+        self.task_info["mean_rank"] = sum(ranks) / max(1, len(ranks))
         unload_lora(self.backbone)
         self.lora = []
         if isinstance(self.head, ClassNameHead):

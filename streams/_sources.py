@@ -270,11 +270,10 @@ def _needs_package(module: str, install: str) -> Callable[[], str | None]:
 
 
 def _sklearn_digits() -> SourceData:
-    from sklearn.datasets import load_digits
+    from streams.offline import _load_sklearn_digits
 
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # [1797, 8, 8]
-    return _arrays(images, digits.target.astype(np.int64), [str(d) for d in range(10)])
+    images, labels = _load_sklearn_digits()
+    return _arrays(images, labels, [str(d) for d in range(10)])
 
 
 def _mnist_5k() -> SourceData:

@@ -98,16 +98,20 @@ def build_task_stream(
     root: str | Path = ".",
     mode: str = "test",
     stop_year: int | None = None,
+    dev_stop_year: int | None = None,
     skip_missing: bool = False,
     split_seed: int = 0,
     train_per_class: int | None = None,
     test_per_class: int | None = None,
     download: bool = False,
 ) -> Stream:
-    """Builds the tasks of ``specs`` that fall before ``stop_year`` (exclusive), in order, with global class ids
-    numbered along the stream. See the module docstring for splits, modes and missing data."""
+    """Builds the tasks of ``specs`` that fall before ``stop_year`` (exclusive; in dev mode ``dev_stop_year``
+    when ``stop_year`` is not given), in order, with global class ids numbered along the stream. See the module
+    docstring for splits, modes and missing data."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "dev" and stop_year is None:
+        stop_year = dev_stop_year
     data_root = Path(root).expanduser()
     if stop_year is not None and any(spec.year is None for spec in specs):
         raise ValueError(f"stream {name!r}: stop_year needs a year on every task")
@@ -327,14 +331,13 @@ def nevis(
     """
     spec = variant if Path(variant).suffix else f"nevis_{variant}"
     name, dev_stop_year, specs = read_spec(spec)
-    if mode == "dev" and stop_year is None:
-        stop_year = dev_stop_year
     stream = build_task_stream(
         name,
         specs,
         root=root,
         mode=mode,
         stop_year=stop_year,
+        dev_stop_year=dev_stop_year,
         skip_missing=skip_missing,
         split_seed=split_seed,
         train_per_class=train_per_class,
@@ -399,14 +402,13 @@ def dataset_stream(
         if undated:
             raise ValueError(f"tasks {undated} have no year: give every task one, or set keep_order: true")
         specs.sort(key=lambda spec: spec.year)  # type: ignore[arg-type, return-value]
-    if mode == "dev" and stop_year is None:
-        stop_year = dev_stop_year
     return build_task_stream(
         stream_name,
         specs,
         root=root,
         mode=mode,
         stop_year=stop_year,
+        dev_stop_year=dev_stop_year,
         skip_missing=skip_missing,
         split_seed=split_seed,
         train_per_class=train_per_class,

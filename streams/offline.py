@@ -43,6 +43,16 @@ def _load_animal_mnist() -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _load_sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``uint8`` images ``[1797, 8, 8]`` (0..16 scaled to 0..255) and labels ``[1797]``."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise FileNotFoundError("the sklearn digits need scikit-learn: pip install scikit-learn") from error
+    digits = load_digits()
+    return (digits.images * (255.0 / 16.0)).round().astype(np.uint8), digits.target.astype(np.int64)
+
+
 def _array_stream(
     name: str,
     images: np.ndarray,
@@ -121,16 +131,11 @@ def sklearn_digits(
     split_seed: int = 0,
 ) -> Stream:
     """scikit-learn's 8x8 digits (UCI optical digits, 1998) as a tiny class-incremental stream (for tests)."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as error:
-        raise FileNotFoundError("the sklearn_digits stream needs scikit-learn: pip install scikit-learn") from error
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)  # [1797, 8, 8], 0..16 -> 0..255
+    images, labels = _load_sklearn_digits()
     return _array_stream(
         "sklearn_digits",
         images,
-        digits.target.astype(np.int64),
+        labels,
         [str(d) for d in range(10)],
         base=base,
         increment=increment,

@@ -154,7 +154,9 @@ TINY_CLIP = {
 
 
 def tiny_clip() -> Backbone:
-    pytest.importorskip("open_clip")  # the optional extra `clip` (installed with dev)
+    pytest.importorskip(
+        "open_clip", reason="the CLIP path needs the `clip` extra (dev installs it): pip install -e '.[clip]'"
+    )
     return Backbone(**TINY_CLIP)
 
 

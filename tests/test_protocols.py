@@ -17,6 +17,7 @@ from cil.engine import Engine
 from cil.method import create_method
 from cil.stream import Stream
 from cil.task import Task
+from streams.offline import _load_sklearn_digits
 from tests.conftest import TINY_DATA, cpu_trainers, tiny_backbone, tiny_stream
 
 
@@ -114,10 +115,7 @@ class DigitPairs(Dataset[tuple[np.ndarray, torch.Tensor]]):
 
 
 def multilabel_stream() -> Stream:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    images, targets = _load_sklearn_digits()
     first = tiny_stream(increment=5)[0]  # a multi-class task: classes 0..4
     members = [5, 6, 7, 8]
     pairs = Task(
@@ -125,8 +123,8 @@ def multilabel_stream() -> Stream:
         name="digit_pairs",
         classes=(5, 6, 7, 8),
         class_names=tuple(str(d) for d in members),
-        train=DigitPairs(images[:1200], digits.target[:1200], members, 300, seed=0),
-        test=DigitPairs(images[1200:], digits.target[1200:], members, 120, seed=1),
+        train=DigitPairs(images[:1200], targets[:1200], members, 300, seed=0),
+        test=DigitPairs(images[1200:], targets[1200:], members, 120, seed=1),
         kind="multilabel",
     )
     return Stream(name="mixed", tasks=(first, pairs))
