@@ -63,8 +63,8 @@ class ArrayDataset(Dataset[tuple[np.ndarray, int]]):
         return self.images[i], int(self.targets[i])
 
 
-class Transformed(Dataset[tuple[torch.Tensor, int]]):
-    """Applies an image transform to a ``(image, label)`` dataset."""
+class Transformed(Dataset[tuple[Any, ...]]):
+    """Applies an image transform to the image of ``(image, label, *extra)`` samples; the rest passes through."""
 
     def __init__(self, dataset: Dataset[Any], transform: Callable[[Any], torch.Tensor]) -> None:
         self.dataset = dataset
@@ -73,9 +73,9 @@ class Transformed(Dataset[tuple[torch.Tensor, int]]):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.dataset[i]
-        return self.transform(image), label
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        image, *rest = self.dataset[i]
+        return (self.transform(image), *rest)
 
 
 def _to_float_rgb(image: Any) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The engine: drives one method through a stream, task by task, and keeps the run directory up to date.
 
 Per task: seed -> ``method.begin_task`` -> a fresh ``Trainer`` -> ``fit`` (if the method trains) ->
-``method.after_task`` -> evaluate every seen task -> write results, summary and a checkpoint atomically.
+``method.after_task`` -> a consolidation fit (if the method asks for one: FPF) -> evaluate every seen task ->
+write results, summary and a checkpoint atomically.
 A run killed at any point resumes (``resume=True``) after its last finished task with identical results,
 because every task starts from a seed derived from the run's seed and the task index, not from RNG history.
 """
@@ -76,8 +77,8 @@ def make_trainer_factory(
         raise ValueError(f"logger must be 'csv', 'tensorboard' or 'none', got {logger!r}")
 
     def factory(task_index: int, callbacks: Sequence[Callback], overrides: dict[str, Any]) -> L.Trainer:
-        version = f"task_{task_index:03d}"
         overrides = dict(overrides)
+        version = overrides.pop("log_version", f"task_{task_index:03d}")
         task_logger: Logger | bool
         if overrides.pop("logger", True) is False:  # a trainer that only predicts (the retention probe)
             task_logger = False
@@ -275,6 +276,9 @@ class Engine:
         self.eval_transform = build_transform(
             method.backbone.input_size, method.backbone.mean, method.backbone.std, train=False
         )
+        method.num_tasks = len(stream)
+        method.train_transform = self.train_transform
+        method.count_flops = count_flops
 
     # ---- public ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -303,6 +307,7 @@ class Engine:
         L.seed_everything(self.seed + task.index, workers=True, verbose=False)  # after the probe: same RNG either way
         log.info("task %d/%d %s: %d new classes", task.index + 1, len(self.stream), task.name, task.num_classes)
         started = time.perf_counter()
+        method.extra_train_flops = 0.0
         method.begin_task(task)
         fits = method.needs_fit(task)
         trainable = method.num_trainable_parameters() if fits else 0  # before after_task may freeze it
@@ -321,10 +326,13 @@ class Engine:
         method.after_task(task, self.features)
         if flops is not None:
             flops.count_predictions = False
+        consolidation = method.consolidation_dataset(task, seen_tasks)
+        if consolidation is not None:
+            self._consolidate(method, task, consolidation, callbacks)
         fit_s = time.perf_counter() - started
         train_images = counter.images + self.features.images
 
-        train_flops = round(flops.total) if flops is not None else None
+        train_flops = round(flops.total + method.extra_train_flops) if flops is not None else None
         earlier_flops = _cumulative_flops(self.task_costs)
         cumulative_flops = None if train_flops is None or earlier_flops is None else earlier_flops + train_flops
         started_eval = time.perf_counter()
@@ -353,6 +361,19 @@ class Engine:
         )
         method.task_info = {}
         self._write(task)
+
+    def _consolidate(self, method: CILMethod, task: Task, data: Dataset[Any], callbacks: list[Callback]) -> None:
+        """The method's second fit of the task, on its own data, with a fresh Trainer and its own log folder."""
+        method.phase = "consolidation"
+        try:
+            overrides = {**method.trainer_overrides(task), "log_version": f"task_{task.index:03d}_consolidation"}
+            trainer = self.trainer_factory(task.index, callbacks, overrides)
+            loader = make_loader(
+                Transformed(data, self.train_transform), self.data.batch_size, True, self.data.num_workers
+            )
+            trainer.fit(method, train_dataloaders=loader)
+        finally:
+            method.phase = "task"
 
     def _retention(self, trainer: L.Trainer) -> float:
         assert self.retention is not None
@@ -388,10 +409,10 @@ class Engine:
         for seen in seen_tasks:
             if method.embedding_frozen:
                 embeddings, labels = self.features(seen.test)
-                method.eval()
-                logits = torch.cat(
-                    [method.classify(chunk.to(method.device)).float().cpu() for chunk in embeddings.split(4096)]
-                )
+                with method.evaluating():
+                    logits = torch.cat(
+                        [method.classify(chunk.to(method.device)).float().cpu() for chunk in embeddings.split(4096)]
+                    )
             else:
                 logits, labels = self._predict(trainer, seen.test, "logits")
             if logits.shape[1] != len(method.seen_classes):

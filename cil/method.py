@@ -5,6 +5,7 @@ Call order per task (see :class:`cil.engine.Engine`)::
     begin_task(task)          # grow(task) -> before_task(task)
     trainer.fit(...)          # only if needs_fit(task); data = train_dataset(task, seen_tasks)
     after_task(task, features)
+    trainer.fit(...)          # only if consolidation_dataset(task, seen_tasks) is not None (FPF's buffer finetuning)
     evaluate every seen task  # logits over all seen classes
 
 The embedding / classifier split (:meth:`embed`, :meth:`classify`) lets the engine cache embeddings while
@@ -13,7 +14,8 @@ The embedding / classifier split (:meth:`embed`, :meth:`classify`) lets the engi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
 import lightning as L
@@ -54,8 +56,9 @@ def method_class(name: str) -> type[CILMethod]:
 
 
 def method_registry_name(method: CILMethod) -> str | None:
-    """The name ``method``'s class is registered under, if any."""
-    return _METHODS.name_of(method)
+    """The name ``method``'s class is registered under, if any (for a class built at run time, such as FPF
+    combined with the method it wraps, the name of the registered class it stands for)."""
+    return _METHODS.name_of(getattr(method, "registry_class", None) or method)
 
 
 def create_method(name: str, backbone: Backbone, **kwargs: Any) -> CILMethod:
@@ -90,6 +93,12 @@ class CILMethod(L.LightningModule):
         self.task_info: dict[str, float] = {}  # method-specific facts about the last task, saved in tasks.csv
         self.protocol = "class_incremental"  # set by the engine from the run's config, see set_protocol
         self.task_of_class: list[int] = []  # the task that introduced each seen class, indexed by global class id
+        # Set by the engine before the stream starts:
+        self.num_tasks = 0  # the stream's length (k-FPF spaces its k finetunings over the whole stream)
+        self.train_transform: Callable[[Any], torch.Tensor] | None = None  # what replay applies to buffer images
+        self.count_flops = False  # whether to add the FLOPs of work done outside the Trainer's batches (below)
+        self.extra_train_flops = 0.0  # FLOPs of optimisation run inside hooks, which the engine's sampler cannot see
+        self.phase = "task"  # "consolidation" during the fit on consolidation_dataset()
 
     def set_protocol(self, protocol: str) -> None:
         """Chooses the evaluation / training protocol (one of :data:`PROTOCOLS`) before the stream starts."""
@@ -141,7 +150,14 @@ class CILMethod(L.LightningModule):
         return task.train
 
     def after_task(self, task: Task, features: FeatureFn) -> None:
-        """After training: compute prototypes, merge modules, update buffers."""
+        """After training: compute prototypes, merge modules, record buffer logits."""
+
+    def consolidation_dataset(self, task: Task, seen_tasks: Sequence[Task]) -> Dataset[Any] | None:
+        """Data for a second fit after :meth:`after_task` (FPF finetunes on its replay buffer there), or None.
+
+        During that fit :attr:`phase` is ``"consolidation"``; ``training_step``, ``configure_optimizers`` and
+        :meth:`trainer_overrides` tell the phases apart by it. Its cost counts as training of the task."""
+        return None
 
     @property
     def embedding_frozen(self) -> bool:
@@ -194,6 +210,18 @@ class CILMethod(L.LightningModule):
         owner = torch.as_tensor(self.task_of_class, device=logits.device)  # [C_seen]
         same_task = owner[None, :] == owner[y][:, None]  # [B, C_seen]
         return logits.masked_fill(~same_task, torch.finfo(logits.dtype).min)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """Evaluation mode for the block, then every submodule's own mode back: Lightning keeps modules' modes
+        across fits, so a method that evaluated itself in a hook would otherwise train its next task in eval mode."""
+        modes = [(module, module.training) for module in self.modules()]
+        self.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes:
+                module.training = training
 
     # ---- bookkeeping -----------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -2,7 +2,9 @@
 
 from methods.aper import APER, APERSSF, APERAdapter, APERFinetune, APERVPTDeep, APERVPTShallow
 from methods.codyra import CoDyRA
+from methods.er import ER
 from methods.finetune import Finetune, Joint
+from methods.fpf import FPF, KFPF
 from methods.lae import LAE, LAEAdapter, LAELoRA, LAEPrefix
 from methods.mos import MOS
 from methods.simplecil import SimpleCIL
@@ -10,6 +12,9 @@ from methods.simplecil import SimpleCIL
 __all__ = [
     "APER",
     "APERSSF",
+    "ER",
+    "FPF",
+    "KFPF",
     "LAE",
     "MOS",
     "APERAdapter",

@@ -37,12 +37,18 @@ NEEDS_PRETRAINED_FEATURES = {"lae_prefix"}
 LR_OVERRIDES = {"lae_lora": 1e-2}
 
 
+# Fewer FPF steps than the defaults (100 per run, k = 10 runs) keep the contract quick; tests/test_fpf.py tests FPF.
+FPF_OVERRIDES: dict[str, dict[str, object]] = {"kfpf": {"fpf_steps": 10}, "fpf": {"fpf_steps": 10}}
+
+
 def from_scratch_kwargs(name: str) -> dict[str, object]:
     accepted = inspect.signature(method_class(name)).parameters
     kwargs = {k: v for k, v in FROM_SCRATCH.items() if k in accepted}
     if name in LR_OVERRIDES:
         kwargs["lr"] = LR_OVERRIDES[name]
-    return kwargs
+    if "method_args" in accepted:  # a wrapper (fpf): the from-scratch optimiser goes to the wrapped method
+        kwargs["method_args"] = from_scratch_kwargs("finetune")
+    return {**kwargs, **FPF_OVERRIDES.get(name, {})}
 
 
 # Every method once, under its canonical name (aliases such as rank_selective_lora -> codyra are the same class).
