@@ -29,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import multilabel_average_precision
 
 from cil.data import DataConfig, Transformed, build_transform, make_loader
+from cil.flops import flop_counter
 from cil.method import CILMethod, method_registry_name
 from cil.metrics import TaskAccuracy
 from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atomic_write_text, summarize
@@ -112,7 +113,7 @@ class _ImageCounter(Callback):
 
 
 class _FlopSampler(Callback):
-    """Training FLOPs: counted exactly (``torch.utils.flop_counter``: matrix multiplications, convolutions and
+    """Training FLOPs: counted exactly (:func:`cil.flops.flop_counter`: matrix multiplications, convolutions and
     attention, forward and backward) on the first ``sample`` batches of every training epoch and of every feature
     extraction while ``count_predictions`` is on, then scaled by the images of that epoch / extraction. Counting
     every batch would cost a Python dispatch per operator (4x the run time of MOS on the tiny test ViT); sampling
@@ -133,7 +134,7 @@ class _FlopSampler(Callback):
 
     def _start_batch(self) -> None:
         if self._sampled_batches < self.sample:
-            self._mode = FlopCounterMode(display=False)
+            self._mode = flop_counter()
             self._mode.__enter__()
 
     def _end_batch(self, batch: Any) -> None:
