@@ -5,23 +5,29 @@ module-sensitivity ranking of each backbone.
 
 Stream: Animal-MNIST B0-Inc2 (5 tasks), class-incremental. Backbones and budgets:
 
-* effnet: configs/experiments/kfpf_offline.yaml, ImageNet EfficientNet-Lite0 at 96 px, 100 train / 50 test
-  images per class, 4 epochs per task, buffer 200 images (20 % of the stream);
-* vit: configs/experiments/kfpf_vit_offline.yaml, the DINOv2-derived ViT-S/14 at 112 px, 40 train / 30 test images
-  per class, 4 epochs per task, buffer 80 images (20 %).
+* effnet: configs/experiments/kfpf_offline.yaml, ImageNet EfficientNet-Lite0 at 64 px, 100 train / 50 test
+  images per class, 10 epochs per task, buffer 200 images (20 % of the stream), FPF runs of 50 steps x 16 images;
+* vit: configs/experiments/kfpf_vit_offline.yaml, the DINOv2-derived ViT-S/14 at 84 px, 40 train / 30 test images
+  per class, 6 epochs per task (AdamW, backbone lr 1e-5, head lr 0.01), buffer 80 images (20 %), FPF runs of 30
+  steps x 16 images at lr 0.001.
 
-Rows (each a fresh `cil run`, same seed, same buffer size within a backbone; SGD lr 0.01, momentum 0.9, cosine):
+Rows (each a fresh `cil run`, same seed, same buffer size within a backbone; task training: effnet SGD lr 0.01,
+momentum 0.9, vit AdamW as above; cosine over each task):
 
 * finetune: the whole network, no replay (the run also records the module sensitivity, cil.sensitivity);
 * er: every step adds 32 buffer images to the 32 current ones;
-* fpf: fine-tuning + FPF after every task (the modules of the config, 10 SGD steps of 32 buffer images, lr 0.01);
+* fpf: fine-tuning + FPF after every task (the config's modules and steps, SGD lr 0.01, momentum 0.9);
 * kfpf5 / kfpf10: k-FPF-SGD with k = 5 / 10 FPF runs over the stream, no replay otherwise;
 * kfpf5_kd: k-FPF-KD, k = 5, distillation weight 0.5.
+
+Ablation rows (``--rows ...``): k-FPF (k = 5) finetuning only the head, norms + head, the 10 units its own run
+ranks most sensitive (``top:10``), or every unit; and ER / k-FPF with a 50-image buffer.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -33,11 +39,24 @@ SENSITIVITY = ["--trainer.callbacks", "[{class_path: cil.sensitivity.Sensitivity
 ROWS: dict[str, list[str]] = {
     "finetune": ["--method", "methods.Finetune", *SENSITIVITY],
     "er": ["--method", "methods.ER"],
-    "fpf": ["--method", "methods.FPF"],
+    "fpf": ["--method", "methods.FPF"],  # + the task optimiser of the backbone's config, see WRAPPED
     "kfpf5": ["--method.init_args.k", "5"],
     "kfpf10": ["--method.init_args.k", "10"],
     "kfpf5_kd": ["--method.init_args.k", "5", "--method.init_args.variant", "kd"],
+    # ablations (not run by default): which modules FPF finetunes, and the buffer size
+    "kfpf5_head": ["--method.init_args.modules", "[head]"],
+    "kfpf5_norm_head": ["--method.init_args.modules", "[norm, head]"],
+    "kfpf5_top10": ["--method.init_args.modules", "[top:10]"],
+    "kfpf5_all": ["--method.init_args.modules", "[all]"],
+    "er_buffer50": ["--method", "methods.ER", "--method.init_args.buffer_size", "50"],
+    "kfpf5_buffer50": ["--method.init_args.buffer_size", "50"],
 }
+# FPF wraps finetune: the config's task-training arguments (given to KFPF there) go to the wrapped method.
+WRAPPED = {
+    "effnet": ["--method.init_args.method_args", "{lr: 0.01}"],
+    "vit": ["--method.init_args.method_args", "{optimizer: adamw, lr: 0.00001, head_lr: 0.01, weight_decay: 0.0}"],
+}
+DEFAULT_ROWS = ["finetune", "er", "fpf", "kfpf5", "kfpf10", "kfpf5_kd"]
 
 
 def sensitivity_lines(ranking: pd.DataFrame, top: int = 10) -> list[str]:
@@ -53,7 +72,7 @@ def sensitivity_lines(ranking: pd.DataFrame, top: int = 10) -> list[str]:
     kinds = ranking.groupby("kind").agg(units=("unit", "size"), mean_rank=("rank", "mean"), score=("score", "median"))
     kinds = kinds.sort_values("mean_rank")
     lines += ["", "| kind | units | mean rank | median score |", "|---|---|---|---|"]
-    lines += [f"| {k} | {r.units} | {r.mean_rank:.1f} | {r.score:.2e} |" for k, r in kinds.iterrows()]
+    lines += [f"| {k} | {int(r.units)} | {r.mean_rank:.1f} | {r.score:.2e} |" for k, r in kinds.iterrows()]
     return lines
 
 
@@ -61,7 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/fpf_bench")
     parser.add_argument("--backbones", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rows", nargs="*", default=DEFAULT_ROWS, choices=list(ROWS))
     options = parser.parse_args()
     report: list[str] = []
     for backbone in options.backbones:
@@ -75,11 +94,13 @@ def main() -> None:
         rows = {}
         for name in options.rows:
             out = Path(options.out) / backbone / name
-            summary, _ = fresh_run(CONFIGS[backbone], ROWS[name], out)
+            overrides = ROWS[name] + (WRAPPED[backbone] if name == "fpf" else [])
+            summary, _ = fresh_run(CONFIGS[backbone], overrides, out)
             tasks = pd.read_csv(out / "tasks.csv")
             rows[name] = (summary, f"{int(tasks['fpf_params'].max()):,}" if "fpf_params" in tasks else "-")
             print(f"{backbone}/{name}: {summary['last_acc']:.2f} last, {summary['wall_s']:.0f} s", file=sys.stderr)
-        er_flops = rows["er"][0]["train_flops"] if "er" in rows else None
+        er_summary = Path(options.out) / backbone / "er" / "summary.json"  # this run's or an earlier one's
+        er_flops = json.loads(er_summary.read_text())["train_flops"] if er_summary.exists() else None
         for name, (summary, fpf_params) in rows.items():
             ratio = f"{summary['train_flops'] / er_flops:.2f}" if er_flops else "-"
             lines.append(

@@ -369,9 +369,8 @@ class Engine:
         try:
             overrides = {**method.trainer_overrides(task), "log_version": f"task_{task.index:03d}_consolidation"}
             trainer = self.trainer_factory(task.index, callbacks, overrides)
-            loader = make_loader(
-                Transformed(data, self.train_transform), self.data.batch_size, True, self.data.num_workers
-            )
+            batch_size = method.consolidation_batch_size() or self.data.batch_size
+            loader = make_loader(Transformed(data, self.train_transform), batch_size, True, self.data.num_workers)
             trainer.fit(method, train_dataloaders=loader)
         finally:
             method.phase = "task"

@@ -159,6 +159,10 @@ class CILMethod(L.LightningModule):
         :meth:`trainer_overrides` tell the phases apart by it. Its cost counts as training of the task."""
         return None
 
+    def consolidation_batch_size(self) -> int | None:
+        """The consolidation fit's batch size (None: the run's ``data.batch_size``)."""
+        return None
+
     @property
     def embedding_frozen(self) -> bool:
         """True while :meth:`embed` cannot change any more during the run, so embeddings may be cached."""
@@ -243,11 +247,24 @@ class CILMethod(L.LightningModule):
         self.load_state_dict(state["weights"], strict=True)
 
     def optimizer_with_cosine(
-        self, name: str, lr: float, momentum: float, weight_decay: float, min_lr: float = 0.0
+        self,
+        name: str,
+        lr: float,
+        momentum: float,
+        weight_decay: float,
+        min_lr: float = 0.0,
+        head_lr: float | None = None,
     ) -> dict[str, Any]:
         """SGD (the papers' choice) or AdamW over the trainable parameters, with a per-step cosine schedule
-        spanning the whole fit."""
-        params = self.trainable_parameters()
+        spanning the whole fit. ``head_lr`` gives the head its own learning rate (a pre-trained ViT whose features
+        share a large mean needs a far faster head than backbone to learn in a few steps)."""
+        params: Any = self.trainable_parameters()
+        if head_lr is not None:
+            head = {id(p) for p in self.head.parameters()}
+            params = [
+                {"params": [p for p in params if id(p) not in head]},
+                {"params": [p for p in params if id(p) in head], "lr": head_lr},
+            ]
         optimizer: torch.optim.Optimizer
         if name == "sgd":
             optimizer = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

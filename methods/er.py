@@ -50,6 +50,7 @@ class ER(Finetune):
         momentum: SGD momentum.
         weight_decay: Weight decay.
         optimizer: ``"sgd"`` or ``"adamw"``.
+        head_lr: The head's own learning rate (None: ``lr``).
     """
 
     supports_multilabel = False  # the buffer stores one integer label per image
@@ -64,8 +65,11 @@ class ER(Finetune):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         optimizer: str = "sgd",
+        head_lr: float | None = None,
     ) -> None:
-        super().__init__(backbone, lr=lr, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer)
+        super().__init__(
+            backbone, lr=lr, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer, head_lr=head_lr
+        )
         self.buffer = ReservoirBuffer(buffer_size, class_balanced=class_balanced)
         self.replay_batch_size = replay_batch_size
 

@@ -32,6 +32,7 @@ class Finetune(CILMethod):
         weight_decay: Weight decay.
         optimizer: ``"sgd"`` (PILOT's choice for pre-trained backbones) or ``"adamw"`` (what a ViT trained from
             scratch needs, e.g. the tiny test model).
+        head_lr: The head's own learning rate (None: ``lr``).
     """
 
     supports_multilabel = True  # the base training step uses binary cross-entropy on multi-hot targets
@@ -43,13 +44,17 @@ class Finetune(CILMethod):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         optimizer: str = "sgd",
+        head_lr: float | None = None,
     ) -> None:
         super().__init__(backbone)
         self.lr, self.momentum, self.weight_decay, self.optimizer_name = lr, momentum, weight_decay, optimizer
+        self.head_lr = head_lr
         self.head: IncrementalLinear = IncrementalLinear(backbone.num_features)
 
     def configure_optimizers(self) -> Any:
-        return self.optimizer_with_cosine(self.optimizer_name, self.lr, self.momentum, self.weight_decay)
+        return self.optimizer_with_cosine(
+            self.optimizer_name, self.lr, self.momentum, self.weight_decay, head_lr=self.head_lr
+        )
 
 
 @register_method("joint")

@@ -238,6 +238,7 @@ class KFPF(ForgettingPrioritizedFinetuning, Finetune):
         momentum: SGD momentum of the task training.
         weight_decay: Weight decay of the task training.
         optimizer: ``"sgd"`` or ``"adamw"`` for the task training.
+        head_lr: The head's own learning rate in the task training (None: ``lr``).
     """
 
     def __init__(
@@ -257,6 +258,7 @@ class KFPF(ForgettingPrioritizedFinetuning, Finetune):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         optimizer: str = "sgd",
+        head_lr: float | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
@@ -267,7 +269,13 @@ class KFPF(ForgettingPrioritizedFinetuning, Finetune):
             kd_weight=kd_weight if variant == "kd" else 0.0,
         )  # fmt: skip
         super().__init__(
-            backbone, options=options, lr=lr, momentum=momentum, weight_decay=weight_decay, optimizer=optimizer
+            backbone,
+            options=options,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            optimizer=optimizer,
+            head_lr=head_lr,
         )
         self.k, self.variant = k, variant
         self.register_buffer("fired", torch.tensor(0))  # FPF runs so far, in the checkpoint
@@ -369,6 +377,9 @@ class FPF(ForgettingPrioritizedFinetuning):
         self._fpf_params = [p for name, p in self.named_parameters() if name in selected]
         self.task_info["fpf_params"] = sum(p.numel() for p in self._fpf_params)
         return self.buffer.dataset(with_slots=True)
+
+    def consolidation_batch_size(self) -> int | None:
+        return self.fpf_batch_size
 
     def trainer_overrides(self, task: Task) -> dict[str, Any]:
         if self.phase == "consolidation":
