@@ -4,6 +4,7 @@ the module-sensitivity analysis on a ViT and a CNN."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pandas as pd
@@ -188,3 +189,14 @@ def test_unit_groups_resolve_on_a_vit() -> None:
     assert norms == select_units(method, ["norm"]) and len(norms) == 5  # 2 blocks x 2 + the final norm
     with pytest.raises(ValueError, match="ranking"):
         select_units(method, ["top:2"])
+
+
+def test_head_lr_gives_the_head_its_own_learning_rate() -> None:
+    method = create_method("kfpf", tiny_backbone(), optimizer="adamw", lr=1e-5, head_lr=1e-2)
+    method.head.expand(2)
+    method.trainer = SimpleNamespace(estimated_stepping_batches=10)  # type: ignore[assignment]
+    groups = method.configure_optimizers()["optimizer"].param_groups
+    head = {id(p) for p in method.head.parameters()}
+    assert [g["lr"] for g in groups] == [1e-5, 1e-2]
+    assert {id(p) for p in groups[1]["params"]} == head and not head & {id(p) for p in groups[0]["params"]}
+    assert len(create_method("finetune", tiny_backbone()).head.weight) == 0  # nothing else changes by default
