@@ -17,7 +17,7 @@ Departures:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -34,7 +34,7 @@ def replay_batch(method: CILMethod, buffer: ReservoirBuffer, size: int) -> tuple
         raise RuntimeError(f"{type(method).__name__} replays buffer images through the engine's training transform")
     slots = buffer.sample_slots(size)
     x, y = buffer.batch(slots, method.train_transform)  # [B, 3, H, W], [B]
-    return x.to(method.device, method.dtype), y.to(method.device), slots
+    return x.to(method.device, cast(torch.dtype, method.dtype)), y.to(method.device), slots
 
 
 @register_method("er")

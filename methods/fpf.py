@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,7 +117,7 @@ class ForgettingPrioritizedFinetuning(CILMethod):
         if self.kd_weight > 0 and self.task_buffer_slots:  # distillation targets: the model that learnt them
             embeddings, _ = features(self.buffer.dataset(self.task_buffer_slots))  # [N, D]
             with torch.no_grad(), self.evaluating():
-                logits = self.classify(embeddings.to(self.device, self.dtype))  # [N, C_seen]
+                logits = self.classify(embeddings.to(self.device, cast(torch.dtype, self.dtype)))  # [N, C_seen]
             self.buffer.record_logits(self.task_buffer_slots, logits)
 
     def on_train_start(self) -> None:
@@ -241,6 +241,8 @@ class KFPF(ForgettingPrioritizedFinetuning, Finetune):
         head_lr: The head's own learning rate in the task training (None: ``lr``).
     """
 
+    fired: torch.Tensor  # FPF runs so far (a registered buffer, so it is in the checkpoint)
+
     def __init__(
         self,
         backbone: Backbone,
@@ -278,7 +280,7 @@ class KFPF(ForgettingPrioritizedFinetuning, Finetune):
             head_lr=head_lr,
         )
         self.k, self.variant = k, variant
-        self.register_buffer("fired", torch.tensor(0))  # FPF runs so far, in the checkpoint
+        self.register_buffer("fired", torch.tensor(0))
 
     def _fire_due(self, steps_done: int) -> None:
         """Runs every FPF whose trigger point the stream has reached: trigger ``i`` is due once
@@ -347,7 +349,7 @@ class FPF(ForgettingPrioritizedFinetuning):
             buffer_size, class_balanced, modules, fpf_steps, fpf_lr, fpf_momentum, fpf_batch_size, kd_weight
         )
         super().__init__(backbone, options=options, **(method_args or {}))
-        self.wrapped, self.apply = method, apply
+        self.wrapped, self.apply_after = method, apply  # not `self.apply`: that is nn.Module.apply
         self._unfocus: Callable[[], None] | None = None
         self._fpf_units: list[str] = []
         self._fpf_params: list[nn.Parameter] = []
@@ -367,10 +369,10 @@ class FPF(ForgettingPrioritizedFinetuning):
         super().begin_task(task)
 
     def consolidation_dataset(self, task: Task, seen_tasks: Sequence[Task]) -> Dataset[Any] | None:
-        if self.apply == "last_task" and task.index < self.num_tasks - 1:
+        if self.apply_after == "last_task" and task.index < self.num_tasks - 1:
             return None
         units = self.fpf_units()
-        if self.apply == "every_task" and task.index < self.num_tasks - 1:
+        if self.apply_after == "every_task" and task.index < self.num_tasks - 1:
             self.pre_fpf = {key: t.detach().clone() for u in units for key, t in unit_tensors(self, u)}
         self._fpf_units = units
         selected = {key for unit in units for key, _ in unit_tensors(self, unit)}
