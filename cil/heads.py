@@ -9,12 +9,23 @@ from torch import nn
 __all__ = ["CosineLinear", "IncrementalLinear", "PrototypeHead"]
 
 
-class IncrementalLinear(nn.Module):
-    """A linear head over all seen classes; :meth:`expand` adds rows for new classes and keeps the old ones."""
+HEAD_INITS = ("default", "trunc_normal")
 
-    def __init__(self, in_features: int) -> None:
+
+class IncrementalLinear(nn.Module):
+    """A linear head over all seen classes; :meth:`expand` adds rows for new classes and keeps the old ones.
+
+    Args:
+        in_features: Embedding width ``D``.
+        init: New rows' initialisation: ``default`` (PyTorch's ``nn.Linear``) or ``trunc_normal`` (timm's ViT head:
+            weights truncated-normal with std 0.02, biases zero; what LAMDA-PILOT's and MOS's ViT heads start from).
+    """
+
+    def __init__(self, in_features: int, init: str = "default") -> None:
         super().__init__()
-        self.in_features = in_features
+        if init not in HEAD_INITS:
+            raise ValueError(f"head init must be one of {HEAD_INITS}, got {init!r}")
+        self.in_features, self.init = in_features, init
         self.weight = nn.Parameter(torch.empty(0, in_features))
         self.bias = nn.Parameter(torch.empty(0))
 
@@ -24,6 +35,9 @@ class IncrementalLinear(nn.Module):
 
     def expand(self, num_new: int) -> None:
         fresh = nn.Linear(self.in_features, num_new)  # PyTorch's default init for the new rows
+        if self.init == "trunc_normal":
+            nn.init.trunc_normal_(fresh.weight, std=0.02)
+            nn.init.zeros_(fresh.bias)
         fresh = fresh.to(device=self.weight.device, dtype=self.weight.dtype)
         self.weight = nn.Parameter(torch.cat([self.weight.data, fresh.weight.data]))
         self.bias = nn.Parameter(torch.cat([self.bias.data, fresh.bias.data]))

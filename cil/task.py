@@ -76,6 +76,15 @@ class LabelMapped(Dataset[tuple[Any, int]]):
 
 def dataset_targets(dataset: Dataset[Any]) -> np.ndarray:
     """Integer labels of a map-style dataset, read from ``targets`` / ``labels`` when present (no image decoding)."""
+    stored = _stored_targets(dataset)
+    if stored is not None:
+        return stored
+    if isinstance(dataset, LabelMapped) and (inner := _stored_targets(dataset.dataset)) is not None:
+        return np.asarray([dataset.label_map[int(label)] for label in inner[dataset.indices]], dtype=np.int64)
+    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
+
+
+def _stored_targets(dataset: Dataset[Any]) -> np.ndarray | None:
     for attribute in ("targets", "labels", "_labels", "y"):  # "y": torchvision's Caltech101 / Caltech256
         values = getattr(dataset, attribute, None)
         if values is not None:
@@ -83,7 +92,7 @@ def dataset_targets(dataset: Dataset[Any]) -> np.ndarray:
     samples = getattr(dataset, "samples", None) or getattr(dataset, "_samples", None)  # ImageFolder, StanfordCars
     if samples is not None:
         return np.asarray([label for _, label in samples], dtype=np.int64)
-    return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
+    return None
 
 
 def class_order(classes: Sequence[int], seed: int | None = None, order: Sequence[int] | None = None) -> list[int]:

@@ -179,6 +179,9 @@ class ForgettingPrioritizedFinetuning(CILMethod):
         params, undo = self.focus_on(units)
         optimizer = torch.optim.SGD(params, lr=self.fpf_lr, momentum=self.fpf_momentum)
         precision = self.trainer.precision_plugin
+        # Lightning's `manual_backward` refuses automatic optimisation, and these steps run between the fit's own
+        # steps with their own optimiser; under `16-mixed` the loss is scaled with the fit's GradScaler instead.
+        scaler: torch.amp.GradScaler | None = getattr(precision, "scaler", None)
         flops_per_image, images = 0.0, 0
         try:
             with torch.enable_grad():
@@ -188,8 +191,7 @@ class ForgettingPrioritizedFinetuning(CILMethod):
                     with counter or contextlib.nullcontext():
                         with precision.forward_context():
                             loss = self.fpf_loss(x, y, slots)
-                        loss.backward()
-                    optimizer.step()
+                        _backward_and_step(loss, optimizer, scaler)
                     optimizer.zero_grad(set_to_none=True)
                     if counter is not None:
                         flops_per_image = counter.get_total_flops() / len(y)
@@ -450,3 +452,17 @@ def _combined(wrapped: type[CILMethod]) -> type[FPF]:
             f"FPF[{wrapped.__name__}]", (FPF, wrapped), {"__module__": __name__, "registry_class": FPF}
         )  # reports as "fpf" whatever it wraps
     return _COMBINED[wrapped]
+
+
+def _backward_and_step(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None
+) -> None:
+    """One optimiser step; with a GradScaler (fp16 mixed precision) the loss is scaled, gradients are unscaled
+    before the step, a step with infinite gradients is skipped and the scale adapts, as in Lightning's own steps."""
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()

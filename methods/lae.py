@@ -179,9 +179,9 @@ class LAE(CILMethod):
         return torch.maximum(online, offline)  # elementwise max of the two softmaxes (in log space)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.predict_output != "logits":  # embeddings, or the retention probe's backbone features
+            return super().predict_step(batch, batch_idx, dataloader_idx)
         x, y = batch
-        if self.predict_output == "embedding":
-            return self.embed(x), y
         online, offline = self._both(x)
         y = y.to(online.device)
         correct = [

@@ -14,10 +14,15 @@ Per task ``t``, on a frozen PTM with an AdaptFormer adapter (bottleneck 16) in e
 2. **Adapter merging**: after every optimiser step of task ``t > 0`` the running adapter is pulled toward the mean
    of the previous tasks' adapters, ``A <- (1 - m) A + m mean(A_0..A_{t-1})``, so that adapters of different tasks
    stay compatible with one head. At the end of the task the adapter is stored as task ``t``'s. The paper's
-   momentum is 0.1, but the authors' code applies it 13 times per step (see below), i.e. ``m = 1 - 0.9^13 = 0.75``
-   per step: that is our default ``merge_momentum``, and what their reported numbers were obtained with.
-3. **Classifier alignment** (``t > 0``): each new class's features under task ``t``'s adapter are summarised by a
-   Gaussian (mean, covariance + 1e-4 I); the head is then re-trained for 30 epochs (SGD lr 0.005, cosine) on
+   momentum is 0.1, but the authors' code applies it 13 times per step of a 12-block ViT (see below), so the
+   default ``merge_momentum`` is ``1 - 0.9^13 = 0.7458``, one pull of 0.1 per block and one after the step.
+3. **Class statistics and classifier alignment**: each new class's features are summarised by a Gaussian (mean,
+   covariance + 1e-4 I). With ``statistics_adapter: pulled`` (default, the authors' code: their ``_compute_mean``
+   runs the ViT in its training mode) every forward of this pass pulls the running adapter toward the mean of
+   adapters ``0..t-1`` once per block, in place, so for ``t >= 1`` the Gaussians are computed under a near-mean
+   adapter, and the next task warm-starts from it; ``task`` uses task ``t``'s adapter for both. The pass runs class
+   by class in class order, in batches of ``data.eval_batch_size`` (theirs: 3 x batch size; the number of forwards
+   sets how far the pulls go). For ``t > 0`` the head is then re-trained for 30 epochs (SGD lr 0.005, cosine) on
    features sampled from the Gaussians of all seen classes. No image is kept.
 4. **Prototypes**: each class's mean feature under the *first* task's adapter (the authors' "original" branch),
    classified by cosine similarity.
@@ -28,34 +33,45 @@ Per task ``t``, on a frozen PTM with an AdaptFormer adapter (bottleneck 16) in e
 
 Departures from the authors' code, each deliberate:
 
-- Their merge runs in place inside the ViT's block loop, so the running adapter is pulled 12 times per forward
-  pass plus once after the step (``m_eff = 1 - 0.9^13 = 0.75``, our default) and, at test time, every *stored*
-  adapter ``t > 0`` is overwritten by the mean of the adapters before it, i.e. all adapters collapse onto the
-  first task's. We apply one update of strength ``m_eff`` per optimiser step and never modify stored adapters, so
-  each task keeps its own adapter. ``merge_momentum: 0.1`` is the paper's value applied once per step; on the
-  offline stream it is 12 points of Ā worse (benchmarks/mos_table.py).
+- Training: their merge runs in place inside the ViT's block loop, so in every training forward block ``l`` runs
+  with the adapter after ``l + 1`` pulls and the step lands on the adapter pulled 12 times, then one more pull
+  follows. We take the step on the unpulled adapter and apply one pull of strength ``merge_momentum`` after it. Both
+  contract ``A - M`` by ``0.9^13`` per step, but their gradient step is scaled by 0.9 and ours by 0.254 (their
+  effective adapter learning rate is 3.5x ours), and their gradient is taken at the pulled adapters.
+  ``merge_momentum: 0.1`` is the paper's value applied once per step; on the offline stream it is 12 points of Ā
+  worse (benchmarks/mos_table.py).
+- Test time: their evaluation pulls *stored* adapter ``t`` in place toward the mean of adapters ``0..t-1`` (12
+  pulls per forward, kept across batches and tasks), so after a few test batches adapter ``t`` is close to that
+  mean and the scores depend on how many batches were evaluated before. We never modify stored adapters: each task
+  keeps its own.
 - The adapter reads the block's normalised tokens (AdaptFormer's Eq. 3, as in our APER); theirs reads the residual
   stream. On LayerScale ViTs (DINOv2) its output is added after LayerScale.
 - The cosine schedule of the adapter's training steps per epoch, as theirs; alignment samples
   ``align_samples_per_class`` features per class and epoch (theirs: 5 x batch size) in batches of the same size.
 - Inputs are normalised with the backbone's mean / std (theirs feed [0, 1] pixels to a model trained on normalised
   ones).
-- Minor: the cosine schedules end at 0 (theirs: 1e-8); full covariances cost ``D^2`` floats per class in every
-  checkpoint (2.4 MB per class at D = 768); ``covariance: diagonal`` stores ``D``.
+- The head is one linear layer that grows per task; theirs is sized for all classes of the dataset from the start
+  (the rows of future classes are masked out, but weight decay shrinks them until their task begins). New rows
+  start as timm's ViT head does (truncated normal, std 0.02, zero bias), as theirs; ``head_init: default`` uses
+  PyTorch's ``nn.Linear`` init.
+- Minor: cosine schedules end at 0, as their ``min_lr: 0`` (all 14 exps/*.json); full covariances cost ``D^2``
+  floats per class in every checkpoint (2.4 MB per class at D = 768); ``covariance: diagonal`` stores ``D``.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from cil.backbones import Backbone
-from cil.heads import IncrementalLinear, PrototypeHead
-from cil.layers import FlatPEFT, freeze_except_peft, inject
+from cil.heads import HEAD_INITS, IncrementalLinear, PrototypeHead
+from cil.layers import FlatPEFT, freeze_except_peft, inject, vit_blocks
 from cil.method import CILMethod, FeatureFn, register_method
-from cil.task import Task
+from cil.task import Task, dataset_targets
 
 __all__ = ["MOS"]
 
@@ -73,8 +89,8 @@ class MOS(CILMethod):
         weight_decay: Weight decay (adapter, head and alignment).
         bottleneck: Adapter bottleneck width (authors: 16).
         adapter_scale: Adapter output scale (authors: 0.1).
-        merge_momentum: Pull toward the mean of earlier adapters after each step (the authors' effective 0.75);
-            0 switches merging off.
+        merge_momentum: Pull toward the mean of earlier adapters after each step (the authors' effective
+            ``1 - 0.9^13``); 0 switches merging off.
         orth_weight: Weight of the auxiliary contrastive term; 0 switches it off.
         orth_temperature: Its temperature (authors: 0.8).
         align: Re-train the head on features sampled from the classes' Gaussians after every task ``t > 0``.
@@ -88,6 +104,9 @@ class MOS(CILMethod):
             prototype prediction.
         ensemble: Add the prototype branch's softmax to the head's (authors: on).
         prototype_adapter: ``first`` (the first task's adapter, as the authors) or ``none`` (the plain PTM).
+        statistics_adapter: The adapter the class Gaussians are computed under: ``pulled`` (the authors' code,
+            see the module docstring) or ``task`` (task ``t``'s own adapter, and the next task starts from it).
+        head_init: New head rows' init: ``trunc_normal`` (timm's, as the authors) or ``default`` (PyTorch's).
     """
 
     def __init__(
@@ -100,7 +119,7 @@ class MOS(CILMethod):
         weight_decay: float = 5e-4,
         bottleneck: int = 16,
         adapter_scale: float = 0.1,
-        merge_momentum: float = 0.75,
+        merge_momentum: float = 1 - 0.9**13,
         orth_weight: float = 0.1,
         orth_temperature: float = 0.8,
         align: bool = True,
@@ -112,6 +131,8 @@ class MOS(CILMethod):
         max_refine: int = 4,
         ensemble: bool = True,
         prototype_adapter: str = "first",
+        statistics_adapter: str = "pulled",
+        head_init: str = "trunc_normal",
     ) -> None:
         super().__init__(backbone)
         if covariance not in ("full", "diagonal"):
@@ -120,22 +141,28 @@ class MOS(CILMethod):
             raise ValueError(f"prototype_adapter must be 'first' or 'none', got {prototype_adapter!r}")
         if max_refine < 1:
             raise ValueError(f"max_refine counts head evaluations and must be >= 1, got {max_refine}")
-        if not 0.0 <= merge_momentum <= 1.0:
-            raise ValueError(f"merge_momentum must be in [0, 1], got {merge_momentum}")
+        if not 0.0 <= merge_momentum < 1.0:
+            raise ValueError(f"merge_momentum must be in [0, 1), got {merge_momentum}")
+        if head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {HEAD_INITS}, got {head_init!r}")
+        if statistics_adapter not in ("pulled", "task"):
+            raise ValueError(f"statistics_adapter must be 'pulled' or 'task', got {statistics_adapter!r}")
         self.epochs, self.lr, self.head_lr_scale = epochs, lr, head_lr_scale
         self.momentum, self.weight_decay = momentum, weight_decay
         self.merge_momentum, self.orth_weight, self.orth_temperature = merge_momentum, orth_weight, orth_temperature
         self.align, self.align_epochs, self.align_lr = align, align_epochs, align_lr
         self.align_samples_per_class, self.covariance = align_samples_per_class, covariance
         self.retrieval, self.max_refine, self.ensemble = retrieval, max_refine, ensemble
-        self.prototype_adapter = prototype_adapter
+        self.prototype_adapter, self.statistics_adapter = prototype_adapter, statistics_adapter
 
         inject(self.backbone, "adapter", bottleneck=bottleneck, scale=adapter_scale, dropout=0.1)
         freeze_except_peft(self.backbone)
         self.adapter = FlatPEFT(self.backbone)  # the running adapter, as one vector [P]
         width = self.adapter.numel()
         dim = backbone.num_features
-        self.head: IncrementalLinear = IncrementalLinear(dim)  # trained with the adapters, then by alignment
+        self.head: IncrementalLinear = IncrementalLinear(
+            dim, init=head_init
+        )  # trained with the adapters, then by alignment
         self.prototypes = PrototypeHead(dim)  # cosine to class means under the prototype adapter
         self.adapter_bank: torch.Tensor  # [T, P] every finished task's adapter, flattened
         self.class_task: torch.Tensor  # [C] the task that introduced each class
@@ -147,6 +174,7 @@ class MOS(CILMethod):
         cov_shape = (0, dim, dim) if covariance == "full" else (0, dim)
         self.register_buffer("class_covs", torch.zeros(cov_shape))
         self._embed_adapter: torch.Tensor | None = None  # flattened adapter `embed` uses; None: the running one
+        self._pull: _PullSchedule | None = None  # set while class statistics are computed under pulled adapters
         self._retrieval_counts = torch.zeros(3, dtype=torch.long)  # retrieved right, first guess right, images
 
     # ---- structure -------------------------------------------------------------------------------------------
@@ -216,7 +244,10 @@ class MOS(CILMethod):
     # ---- after the task --------------------------------------------------------------------------------------
     def after_task(self, task: Task, features: FeatureFn) -> None:
         self.adapter_bank[task.index] = self.adapter.vector()
-        embeddings, labels = features(task.train)  # [N, D] under this task's adapter
+        if self.statistics_adapter == "pulled" and task.index > 0 and self.merge_momentum > 0:
+            embeddings, labels = self._pulled_embeddings(task, features)
+        else:
+            embeddings, labels = features(task.train)  # [N, D] under this task's adapter
         self._store_gaussians(embeddings, labels, list(task.classes))
         if self.align and task.index > 0:
             self._align_classifier()
@@ -230,6 +261,27 @@ class MOS(CILMethod):
                 self._embed_adapter = None
         self.prototypes.set_prototypes(proto_embeddings, labels, list(task.classes))
         self._retrieval_counts.zero_()  # counted during the evaluation that follows
+
+    def _pulled_embeddings(self, task: Task, features: FeatureFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """The authors' statistics pass: class by class, in class order, every forward pulls the running adapter
+        toward the mean of the earlier tasks' adapters (see :class:`_PullSchedule`); the next task warm-starts from
+        the adapter those pulls leave. Stored adapter ``t`` is the one before the pass."""
+        labels = torch.as_tensor(dataset_targets(task.train))  # [N], no image decoded where the data stores labels
+        vit = getattr(self.backbone, "model", self.backbone)
+        self._pull = _PullSchedule(
+            start=self.adapter.vector(),
+            mean=self.adapter_bank[: task.index].mean(dim=0),
+            block_of=_block_of_each_value(self.adapter),
+            depth=len(vit_blocks(vit)),
+            merge_momentum=self.merge_momentum,
+        )
+        try:
+            parts = [features(Subset(task.train, torch.nonzero(labels == c).flatten().tolist())) for c in task.classes]
+            final = self._pull.final()
+        finally:
+            self._pull = None
+        self.adapter.lerp_(final, 1.0)
+        return torch.cat([z for z, _ in parts]), torch.cat([y for _, y in parts])
 
     @torch.no_grad()
     def _store_gaussians(self, embeddings: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
@@ -293,6 +345,8 @@ class MOS(CILMethod):
         return self.adapter.run_with(adapter, x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self._pull is not None:
+            return self._embed_with(x, self._pull.next_vector().to(x.device))
         if self._embed_adapter is None:
             return self.backbone(x)
         return self._embed_with(x, self._embed_adapter)
@@ -336,9 +390,9 @@ class MOS(CILMethod):
         return logits, used
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.predict_output != "logits":  # embeddings, or the retention probe's backbone features
+            return super().predict_step(batch, batch_idx, dataloader_idx)
         x, y = batch
-        if self.predict_output == "embedding":
-            return self.embed(x), y
         scores, retrieved, first_guess = self._predict(x)
         true_task = self.class_task[y.to(self.class_task.device)]
         counts = torch.stack([(retrieved == true_task).sum(), (first_guess == true_task).sum()]).cpu()
@@ -348,3 +402,39 @@ class MOS(CILMethod):
             self.task_info["retrieval_acc"] = round(100.0 * right / total, 4)
         self.task_info["first_guess_task_acc"] = round(100.0 * first_right / total, 4)
         return scores, y
+
+
+class _PullSchedule:
+    """Adapters of the authors' statistics pass. Their ViT pulls the running adapter ``A`` toward the mean ``M`` of
+    the earlier tasks' adapters once per block in every forward, in place, and block ``l`` runs with the adapter as
+    it is after the ``l + 1``-th pull of that forward; after ``n`` pulls ``A_n = M + k^n (A - M)``, where ``k`` is
+    one pull's keep factor: ``(1 - merge_momentum) = k^(depth + 1)`` (a training step pulls ``depth + 1`` times)."""
+
+    def __init__(
+        self, start: torch.Tensor, mean: torch.Tensor, block_of: torch.Tensor, depth: int, merge_momentum: float
+    ) -> None:
+        self.start, self.mean, self.block_of, self.depth = start, mean, block_of, depth  # [P], [P], [P] long, int
+        self.keep = (1.0 - merge_momentum) ** (1.0 / (depth + 1))
+        self.forwards = 0
+
+    def next_vector(self) -> torch.Tensor:
+        """The flattened adapter of the next forward ``[P]``: block ``l``'s values after ``depth * j + l + 1``
+        pulls in forward ``j``."""
+        pulls = (self.depth * self.forwards + self.block_of + 1).to(self.start.dtype)
+        self.forwards += 1
+        return self.mean + (self.start - self.mean) * torch.pow(self.keep, pulls)
+
+    def final(self) -> torch.Tensor:
+        """The running adapter after the pass ``[P]``: every block pulled ``depth`` times per forward."""
+        return self.mean + (self.start - self.mean) * self.keep ** (self.depth * self.forwards)
+
+
+def _block_of_each_value(adapter: FlatPEFT) -> torch.Tensor:
+    """The ViT block index of every value of the flattened adapter ``[P]``."""
+    indices = []
+    for name, param in zip(adapter.names, adapter.parameters(), strict=True):
+        found = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
+        if found is None:
+            raise ValueError(f"MOS's adapter parameter {name!r} is not inside a ViT block")
+        indices.append(torch.full((param.numel(),), int(found.group(1)), dtype=torch.long))
+    return torch.cat(indices)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from cil.data import Transformed
 from cil.engine import Engine
 from cil.task import Task
 from methods.mos import MOS
@@ -100,8 +101,26 @@ def test_mos_keeps_task_adapters_and_reports_retrieval(tmp_path: Path) -> None:
     engine._evaluate(engine.features.trainer, engine.stream[-1], engine.stream.tasks)  # type: ignore[arg-type]
     torch.testing.assert_close(method.adapter_bank, bank)  # evaluation never rewrites stored adapters
     tasks = pd.read_csv(tmp_path / "tasks.csv")
-    assert tasks["retrieval_acc"].between(0, 100).all() and tasks.loc[0, "retrieval_acc"] == 100.0  # one task
+    # the recorded retrieval accuracy after the last task is the share of test images whose retrieved adapter is
+    # their own task's, recomputed here from the method's own predictions over every seen task's test images
+    images, labels = _test_set(engine)
+    method.eval()
+    with torch.no_grad():
+        _, retrieved, first_guess = method._predict(images)
+    true_task = method.class_task[labels]
+    assert tasks["retrieval_acc"].iloc[-1] == pytest.approx(
+        100.0 * (retrieved == true_task).float().mean().item(), abs=1e-3
+    )
+    assert tasks["first_guess_task_acc"].iloc[-1] == pytest.approx(
+        100.0 * (first_guess == true_task).float().mean().item(), abs=1e-3
+    )
     assert tasks["align_final_loss"].isna().iloc[0] and tasks["align_final_loss"].notna().iloc[1:].all()
+
+
+def _test_set(engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every task's test images under the evaluation transform ``[N, 3, H, W]`` and their labels ``[N]``."""
+    pairs = [Transformed(task.test, engine.eval_transform)[i] for task in engine.stream for i in range(len(task.test))]
+    return torch.stack([x for x, _ in pairs]), torch.tensor([y for _, y in pairs])
 
 
 def test_resume_after_task_k_gives_the_uninterrupted_results(tmp_path: Path) -> None:
@@ -115,8 +134,125 @@ def test_resume_after_task_k_gives_the_uninterrupted_results(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    "bad", [{"covariance": "low_rank"}, {"prototype_adapter": "last"}, {"max_refine": 0}, {"merge_momentum": 2.0}]
+    "bad",
+    [
+        {"covariance": "low_rank"},
+        {"prototype_adapter": "last"},
+        {"max_refine": 0},
+        {"merge_momentum": 2.0},
+        {"statistics_adapter": "running"},
+        {"head_init": "zeros"},
+    ],
 )
 def test_bad_options_say_what_is_allowed(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=next(iter(bad))):
         MOS(tiny_backbone(), **bad)
+
+
+class _Images(torch.utils.data.Dataset):
+    """Images with their labels stored as ``targets`` (read without touching an image)."""
+
+    def __init__(self, images: torch.Tensor, labels: list[int]) -> None:
+        self.images, self.targets = images, labels
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], self.targets[i]
+
+
+def _features_in_batches_of(method: MOS, size: int) -> Any:
+    def features(dataset: torch.utils.data.Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        batches = list(torch.utils.data.DataLoader(dataset, batch_size=size, shuffle=False))
+        with torch.no_grad():
+            return torch.cat([method.embed(x) for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    return features
+
+
+def _second_task(method: MOS) -> tuple[Task, torch.Tensor]:
+    """Puts ``method`` at the end of task 1 (classes 2, 3; 7 images each, interleaved) with a random task-0 adapter
+    and a random running adapter; returns the task and the running adapter ``[P]``."""
+    generator = torch.Generator().manual_seed(1)
+    _grow(method, 2, 2)
+    method.adapter_bank[0] = 0.1 * torch.randn(method.adapter_bank.shape[1], generator=generator)
+    for param in method.adapter.parameters():
+        param.data = 0.1 * torch.randn(param.shape, generator=generator)
+    images = torch.randn(14, 3, 16, 16, generator=generator)
+    data = _Images(images, [3, 2] * 7)
+    task = Task(index=1, name="t1", classes=(2, 3), class_names=("2", "3"), train=data, test=data)
+    method.eval()
+    return task, method.adapter.vector()
+
+
+def test_pulled_statistics_follow_the_authors_in_place_pulls() -> None:
+    # The tiny ViT has 2 blocks: a training step pulls 3 times, so merge_momentum 1 - 0.9^3 is a pull of 0.1.
+    method = _mos(merge_momentum=1 - 0.9**3, align=False)
+    task, start = _second_task(method)
+    features = _features_in_batches_of(method, 3)
+    method.after_task(task, features)
+
+    # The authors' pass, literally: class by class, each forward pulls every block's adapter in place once per
+    # block (A <- 0.9 A + 0.1 M), and block l runs with its adapter as it is after the (l + 1)-th pull.
+    blocks = method.backbone.model.blocks
+    block_of = torch.cat(
+        [
+            torch.full((p.numel(),), next(i for i, b in enumerate(blocks) if any(p is q for q in b.parameters())))
+            for p in method.adapter.parameters()
+        ]
+    )  # [P]
+    mean, adapter, expected = method.adapter_bank[0], start.clone(), {2: [], 3: []}
+    for c in (2, 3):
+        images = task.train.images[torch.tensor(task.train.targets) == c]
+        for batch in images.split(3):
+            after_pull = []
+            for _ in blocks:
+                adapter = 0.9 * adapter + 0.1 * mean
+                after_pull.append(adapter.clone())
+            used = torch.stack(after_pull)[block_of, torch.arange(len(block_of))]  # [P]
+            with torch.no_grad():
+                expected[c].append(method.adapter.run_with(used, batch))
+    for c in (2, 3):
+        torch.testing.assert_close(method.class_means[c], torch.cat(expected[c]).mean(0), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(method.adapter.vector(), adapter)  # the next task starts from the pulled adapter
+    torch.testing.assert_close(method.adapter_bank[1], start)  # task 1's stored adapter is the one before the pass
+
+
+def test_task_statistics_use_the_task_adapter_and_leave_it_alone() -> None:
+    pulled, own = _mos(align=False), _mos(align=False, statistics_adapter="task")
+    for method in (pulled, own):
+        task, start = _second_task(method)
+        method.after_task(task, _features_in_batches_of(method, 3))
+    torch.testing.assert_close(own.adapter.vector(), start)
+    images = task.train.images[torch.tensor(task.train.targets) == 2]
+    with torch.no_grad():
+        torch.testing.assert_close(own.class_means[2], own._embed_with(images, start).mean(0), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(pulled.class_means[2:4], own.class_means[2:4], atol=1e-3)
+    assert not torch.allclose(pulled.adapter.vector(), start, atol=1e-3)
+
+
+def test_the_first_task_is_never_pulled() -> None:
+    method = _mos(align=False)
+    _grow(method, 2)
+    images = torch.randn(6, 3, 16, 16)
+    data = _Images(images, [0, 1] * 3)
+    for param in method.adapter.parameters():
+        param.data.normal_(std=0.1)
+    start = method.adapter.vector()
+    method.eval()
+    task = Task(index=0, name="t0", classes=(0, 1), class_names=("0", "1"), train=data, test=data)
+    method.after_task(task, _features_in_batches_of(method, 2))
+    torch.testing.assert_close(method.adapter.vector(), start)
+    with torch.no_grad():
+        torch.testing.assert_close(method.class_means[0], method._embed_with(images[0::2], start).mean(0))
+
+
+def test_new_head_rows_start_as_timms_vit_head() -> None:
+    method = _mos()
+    _grow(method, 200)
+    assert method.head.bias.abs().max() == 0
+    assert method.head.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    default = _mos(head_init="default")
+    _grow(default, 200)
+    assert default.head.bias.abs().max() > 0
