@@ -22,6 +22,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "simplecil": ("configs/experiments/simplecil_vit_offline.yaml", []),
     "aper_adapter": ("configs/experiments/aper_adapter_offline.yaml", []),
     "mos": (MOS, []),
+    "mos_task_statistics": (MOS, ["--method.init_args.statistics_adapter", "task"]),
+    "mos_default_head_init": (MOS, ["--method.init_args.head_init", "default"]),
     "mos_no_merge": (MOS, ["--method.init_args.merge_momentum", "0"]),
     "mos_no_align": (MOS, ["--method.init_args.align", "false"]),
     "mos_no_retrieval": (MOS, ["--method.init_args.retrieval", "false"]),

@@ -69,6 +69,12 @@ class CILCLI(LightningCLI):
         )
         parser.add_argument("--count_flops", type=bool, default=True, help="count training FLOPs per task")
         parser.add_argument(
+            "--max_steps_per_fit",
+            type=int | None,
+            default=None,
+            help="cap every fit at N optimiser steps whatever the method asks (smoke tests, tiny runs)",
+        )
+        parser.add_argument(
             "--retention",
             type=dict[str, Any] | None,
             default=None,
@@ -172,7 +178,9 @@ def _run_one(args: list[str], sweep_seed: int | None = None) -> int:
         method,
         stream,
         out,
-        trainer_factory=make_trainer_factory(out, trainer_kwargs, logger=cli.config["logger"]),
+        trainer_factory=make_trainer_factory(
+            out, trainer_kwargs, logger=cli.config["logger"], max_steps_per_fit=cli.config["max_steps_per_fit"]
+        ),
         data=cli.config_init["data"],
         seed=seed,
         config=config,

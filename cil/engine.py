@@ -59,7 +59,7 @@ def config_hash(config: dict[str, Any]) -> str:
 
 
 def make_trainer_factory(
-    out: Path, trainer_kwargs: dict[str, Any] | None = None, logger: str = "csv"
+    out: Path, trainer_kwargs: dict[str, Any] | None = None, logger: str = "csv", max_steps_per_fit: int | None = None
 ) -> TrainerFactory:
     """A factory of fresh Trainers that log each task to ``out/logs/task_{i:03d}``.
 
@@ -67,7 +67,11 @@ def make_trainer_factory(
         out: Run directory.
         trainer_kwargs: ``lightning.Trainer`` arguments (accelerator, precision, max_epochs, ...).
         logger: ``"csv"`` (Lightning's CSVLogger), ``"tensorboard"`` or ``"none"``.
+        max_steps_per_fit: Caps every fit at this many optimiser steps, whatever epochs or steps the method asks
+            for (smoke tests and tiny runs: one override that bounds every method's training length).
     """
+    if max_steps_per_fit is not None and max_steps_per_fit < 1:
+        raise ValueError(f"max_steps_per_fit must be a positive number of steps, got {max_steps_per_fit}")
     kwargs = dict(trainer_kwargs or {})
     user_callbacks = list(kwargs.pop("callbacks", None) or [])
     for reserved in ("logger", "enable_checkpointing", "default_root_dir"):
@@ -89,8 +93,13 @@ def make_trainer_factory(
             task_logger = TensorBoardLogger(out / "logs", name="", version=version)
         else:
             task_logger = False
+        arguments = {**kwargs, **overrides}
+        if max_steps_per_fit is not None:
+            asked = arguments.get("max_steps")
+            if asked is None or asked < 0 or asked > max_steps_per_fit:
+                arguments["max_steps"] = max_steps_per_fit
         return L.Trainer(
-            **{**kwargs, **overrides},
+            **arguments,
             logger=task_logger,
             callbacks=[*user_callbacks, *callbacks],
             enable_checkpointing=False,

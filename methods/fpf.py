@@ -173,10 +173,12 @@ class ForgettingPrioritizedFinetuning(CILMethod):
 
     def run_fpf_inline(self) -> None:
         """One FPF run inside the current fit (the module is on the training device): ``fpf_steps`` SGD steps on
-        buffer minibatches. Its FLOPs go to :attr:`extra_train_flops` (the engine's sampler sees only the fit's
-        own batches)."""
+        buffer minibatches, at most the fit's own ``max_steps``. Its FLOPs go to :attr:`extra_train_flops` (the
+        engine's sampler sees only the fit's own batches)."""
         units = self.fpf_units()
         params, undo = self.focus_on(units)
+        cap = self.trainer.max_steps  # a fit capped at N steps (`max_steps_per_fit`) caps its FPF runs too
+        steps = self.fpf_steps if cap is None or cap < 0 else min(self.fpf_steps, cap)
         optimizer = torch.optim.SGD(params, lr=self.fpf_lr, momentum=self.fpf_momentum)
         precision = self.trainer.precision_plugin
         # Lightning's `manual_backward` refuses automatic optimisation, and these steps run between the fit's own
@@ -185,7 +187,7 @@ class ForgettingPrioritizedFinetuning(CILMethod):
         flops_per_image, images = 0.0, 0
         try:
             with torch.enable_grad():
-                for step in range(self.fpf_steps):
+                for step in range(steps):
                     x, y, slots = replay_batch(self, self.buffer, self.fpf_batch_size)
                     counter = flop_counter() if self.count_flops and step == 0 else None
                     with counter or contextlib.nullcontext():

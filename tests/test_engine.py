@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cil.engine import Engine
+from cil.engine import Engine, make_trainer_factory
 from cil.method import FeatureFn
 from cil.task import Task
 from methods.finetune import Finetune
@@ -117,3 +117,42 @@ def test_refuses_to_overwrite_and_to_resume_another_config(tmp_path: Path) -> No
 def test_keep_checkpoints(tmp_path: Path) -> None:
     run(tmp_path, keep_checkpoints=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["task_003.ckpt", "task_004.ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("method_asks", "expected"),
+    [({"max_epochs": 20}, 3), ({"max_steps": 500, "max_epochs": -1}, 3), ({"max_steps": 2}, 2), ({}, 3)],
+)
+def test_max_steps_per_fit_caps_whatever_the_method_asks(
+    method_asks: dict[str, Any], expected: int, tmp_path: Path
+) -> None:
+    factory = make_trainer_factory(tmp_path, {"accelerator": "cpu", "max_epochs": 5}, max_steps_per_fit=3)
+    assert factory(0, [], method_asks).max_steps == expected
+    uncapped = make_trainer_factory(tmp_path, {"accelerator": "cpu", "max_epochs": 5})
+    assert uncapped(0, [], method_asks).max_steps == method_asks.get("max_steps", -1)
+
+
+class _StepCounting(RecordingMethod):
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[int] = []
+
+    def before_task(self, task: Task) -> None:
+        super().before_task(task)
+        self.steps.append(0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps[-1] += 1
+        return super().training_step(batch, batch_idx)
+
+    def trainer_overrides(self, task: Task) -> dict[str, Any]:
+        return {"max_epochs": 50}  # a method that asks for far more than the cap
+
+
+def test_a_capped_run_trains_each_task_for_the_cap(tmp_path: Path) -> None:
+    method = _StepCounting()
+    trainers = make_trainer_factory(
+        tmp_path, {"accelerator": "cpu", "enable_progress_bar": False}, logger="none", max_steps_per_fit=2
+    )
+    Engine(method, tiny_stream(increment=5), tmp_path, trainer_factory=trainers, data=TINY_DATA, seed=0).run()
+    assert method.steps == [2, 2]
