@@ -9,10 +9,25 @@ embedding of an image is the concatenation of the frozen PTM's and the adapted m
 prototype is its mean embedding over its training images, and prediction is the cosine similarity to the
 prototypes, for every task, as in SimpleCIL.
 
-Defaults follow the authors' released configs: adapter bottleneck 64 (scale 0.1, dropout 0.1), 5 VPT tokens, SSF
-on every linear and norm layer of the blocks, 20 epochs, SGD lr 0.01 momentum 0.9, weight decay 5e-4, batch 48
-(``data.batch_size`` in the configs). Departures: the adapter reads the normalised tokens, as in AdaptFormer's
-paper (PILOT's code feeds it the residual stream), and on LayerScale models (DINOv2) it is added after LayerScale.
+Defaults follow the authors' released code and configs (LAMDA-PILOT ``exps/aper_*.json``): adapter bottleneck 64
+(scale 0.1, dropout 0.1); 5 VPT tokens, initialised at zero, without dropout or position embeddings, appended after
+the patch tokens and dropped after the last block (deep: fresh prompts before every block, the previous block's
+prompt outputs dropped), so the feature is the class token after the final norm; SSF (scale ~ N(1, 0.02), shift ~
+N(0, 0.02)) after every linear and norm layer of the blocks, after the patch projection and after the final norm;
+20 epochs, SGD lr 0.01 momentum 0.9, weight decay 5e-4, batch 48 (``data.batch_size`` in the configs).
+
+Departures:
+
+- The adapter reads the normalised tokens, as in AdaptFormer's paper (PILOT's code feeds it the residual stream),
+  and on LayerScale models (DINOv2) it is added after LayerScale.
+- The PEFT modules are injected into the stock timm ViT, not a forked one, so any timm ViT works (DINOv2, register
+  tokens) and the feature is that model's own pooling (the class token for ViT-B/16, as in the authors' code).
+- The cosine schedule steps per batch; PILOT's steps per epoch.
+- VPT-deep keeps PILOT's schedule (20 epochs, lr 0.01, batch 48); RevisitingCIL's VPT-deep configs for CIFAR,
+  CUB, ImageNet-R/A and VTAB use 5 epochs, lr 0.05, batch 16 (set ``epochs``, ``lr`` and ``data.batch_size``).
+
+Switches the authors' code does not have (``peft_options``): the VPT paper's uniform prompt init and prompt dropout
+0.1 (``{init: uniform, dropout: 0.1}``), and SSF inside the blocks only (``{patch_embed: false, final_norm: false}``).
 """
 
 from __future__ import annotations
@@ -31,9 +46,9 @@ from cil.task import Task
 
 _PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
     "adapter": {"bottleneck": 64, "scale": 0.1, "dropout": 0.1},
-    "vpt_shallow": {"num_tokens": 5},
-    "vpt_deep": {"num_tokens": 5},
-    "ssf": {"init_std": 0.02},
+    "vpt_shallow": {"num_tokens": 5, "init": "zeros", "dropout": 0.0},
+    "vpt_deep": {"num_tokens": 5, "init": "zeros", "dropout": 0.0},
+    "ssf": {"init_std": 0.02, "patch_embed": True, "final_norm": True},
     "finetune": {},
 }
 

@@ -8,7 +8,15 @@ import timm
 import torch
 from torch import nn
 
-from cil.layers import PEFT_KINDS, LoRALinear, freeze_except_peft, inject, merge_lora, peft_parameters
+from cil.layers import (
+    PEFT_KINDS,
+    FlatPEFT,
+    LoRALinear,
+    freeze_except_peft,
+    inject,
+    merge_lora,
+    peft_parameters,
+)
 
 VIT_VARIANTS = {
     "vit": dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2),
@@ -129,3 +137,162 @@ def test_kinds_compose() -> None:
     inject(vit, "ssf", init_std=0.0)
     with torch.no_grad():
         torch.testing.assert_close(vit(x), reference, atol=1e-5, rtol=1e-5)
+
+
+# SSF and VPT as in the authors' APER code (LAMDA-PILOT backbone/vit_ssf.py, backbone/vpt.py)
+SSF_MODELS = {  # the ViT variants plus a patch-embedding norm and average pooling (final norm -> Identity)
+    **VIT_VARIANTS,
+    "vit_embed_norm": dict(VIT_VARIANTS["vit"], embed_norm_layer=nn.LayerNorm),
+    "vit_avg_pool": dict(VIT_VARIANTS["vit"], global_pool="avg"),
+}
+
+
+def make_model(kwargs: dict) -> nn.Module:
+    torch.manual_seed(0)
+    kwargs = dict(kwargs)
+    return timm.create_model(kwargs.pop("model_name"), num_classes=0, **kwargs).eval()
+
+
+def record_outputs(modules: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], list]:
+    outputs: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach().clone()))
+        for name, module in modules.items()
+    ]
+    return outputs, handles
+
+
+def wrapper_of(injected: list, base: nn.Module) -> nn.Module:
+    found = [module for module in injected if getattr(module, "base", None) is base]
+    assert len(found) == 1, f"no SSF follows {type(base).__name__}"
+    return found[0]
+
+
+@pytest.mark.parametrize("model", SSF_MODELS)
+def test_ssf_scales_and_shifts_patch_embedding_and_final_norm(model: str) -> None:
+    """The authors' SSF ViT also modulates the patch projection (per channel, before the patch-embedding norm, and
+    after that norm when there is one) and the final norm's output (every token, before pooling): identity at
+    ``init_std=0``, and exactly ``y * gamma + beta`` at those points once gamma / beta move."""
+    vit = make_model(SSF_MODELS[model])
+    x = images(vit)
+    proj, embed_norm, final_norm = vit.patch_embed.proj, vit.patch_embed.norm, vit.norm  # the original modules
+    originals = {"proj": proj, "embed_norm": embed_norm, "final_norm": final_norm, "patch_embed": vit.patch_embed}
+    with torch.no_grad():
+        reference_embed, reference_tokens = vit.patch_embed(x), vit.forward_features(x)
+    injected = inject(vit, "ssf", init_std=0.0)
+    at_proj, at_final = wrapper_of(injected, proj), wrapper_of(injected, final_norm)
+    has_embed_norm = not isinstance(embed_norm, nn.Identity)
+    if has_embed_norm:
+        at_embed_norm = wrapper_of(injected, embed_norm)
+    else:
+        assert not any(getattr(module, "base", None) is embed_norm for module in injected)
+    with torch.no_grad():  # identity at init
+        torch.testing.assert_close(vit.patch_embed(x), reference_embed)
+        torch.testing.assert_close(vit.forward_features(x), reference_tokens)
+
+    perturb([at_proj.scale, at_proj.shift, at_final.scale, at_final.shift])
+    if has_embed_norm:
+        perturb([at_embed_norm.scale, at_embed_norm.shift])
+    outputs, handles = record_outputs(originals)
+    with torch.no_grad():
+        tokens = vit.forward_features(x)  # [B, N, D]
+    for handle in handles:
+        handle.remove()
+    # after the patch projection: conv output [B, D, h, w] scaled and shifted per channel, then flattened
+    projected = outputs["proj"].flatten(2).transpose(1, 2) * at_proj.scale + at_proj.shift  # [B, L, D]
+    if has_embed_norm:
+        torch.testing.assert_close(outputs["embed_norm"], embed_norm(projected))  # the norm sees the modulated tokens
+        projected = outputs["embed_norm"] * at_embed_norm.scale + at_embed_norm.shift
+    torch.testing.assert_close(outputs["patch_embed"], projected)
+    # after the final norm (an Identity on average-pooling models), on every token
+    torch.testing.assert_close(tokens, outputs["final_norm"] * at_final.scale + at_final.shift)
+    assert not torch.allclose(tokens, reference_tokens, atol=1e-4)
+
+    assert len(inject(make_model(SSF_MODELS[model]), "ssf", patch_embed=False, final_norm=False)) == 6 * 2
+
+
+def test_ssf_model_level_parameters_train_and_are_peft() -> None:
+    """The patch-embedding and final-norm scale / shift train, are PEFT parameters (FlatPEFT sees them), reach the
+    state dict, and an APER-style copy (init N(1, 0.02) / N(0, 0.02)) moves the feature through them."""
+    vit = make_vit("dinov2_layerscale")
+    proj, final_norm = vit.patch_embed.proj, vit.norm
+    injected = inject(vit, "ssf")
+    freeze_except_peft(vit)
+    model_level = [wrapper_of(injected, proj), wrapper_of(injected, final_norm)]
+    new = [p for module in model_level for p in (module.scale, module.shift)]
+    assert all(p.requires_grad for p in new)
+    own = {id(p) for p in peft_parameters(vit)}
+    assert all(id(p) in own for p in new)
+    assert {id(p) for p in vit.parameters() if p.requires_grad} == own
+    assert all(p.std() > 0 for p in new)  # the authors' random init, not an identity
+    flat = FlatPEFT(vit)
+    names = set(flat.names)
+    assert {"patch_embed.proj.scale", "patch_embed.proj.shift", "norm.scale", "norm.shift"} <= names
+    assert {"patch_embed.proj.scale", "norm.shift"} <= set(vit.state_dict())
+    assert flat.numel() == sum(p.numel() for p in peft_parameters(vit))
+    x = images(vit)
+    vit.train()
+    vit(x).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in new)
+    vit.eval()
+    with torch.no_grad():  # a flat vector with the final shift moved changes the feature by exactly that shift
+        vector = flat.vector()
+        start = sum(p.numel() for p in flat.parameters()[: flat.names.index("norm.shift")])
+        moved = vector.clone()
+        moved[start : start + vit.embed_dim] += 1.0
+        torch.testing.assert_close(flat.run_with(moved, x), vit(x) + 1.0)
+
+
+def authors_vpt_tokens(vit: nn.Module, x: torch.Tensor, prompts: list[torch.Tensor], deep: bool) -> torch.Tensor:
+    """The VPT forward of the authors' APER code, on a plain timm ViT: after the patch embedding and position
+    embedding, prompts ``[T, D]`` (no position embedding) are appended after all tokens; deep: fresh prompts before
+    every block and that block's prompt outputs dropped right after it; shallow: appended once before the first block
+    and dropped after the last. Then the final norm; the authors' feature is the class token ``[:, 0]``."""
+    tokens = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))  # [B, N, D]
+    batch, count = x.shape[0], prompts[0].shape[0]
+    if deep:
+        for block, block_prompts in zip(vit.blocks, prompts, strict=True):
+            tokens = block(torch.cat([tokens, block_prompts.expand(batch, -1, -1)], dim=1))[:, :-count]
+    else:
+        tokens = torch.cat([tokens, prompts[0].expand(batch, -1, -1)], dim=1)  # [B, N + T, D]
+        tokens = vit.blocks(tokens)[:, :-count]
+    return vit.norm(tokens)  # [B, N, D]
+
+
+@pytest.mark.parametrize("variant", VIT_VARIANTS)
+@pytest.mark.parametrize("kind", ["vpt_shallow", "vpt_deep"])
+def test_vpt_starts_at_zero_and_follows_the_authors_forward(kind: str, variant: str) -> None:
+    """Prompts start at zero (one set for shallow, one per block for deep), and the injected model's tokens after the
+    final norm equal :func:`authors_vpt_tokens` with the same prompts, zero and trained (so does the pooled feature,
+    the class token). Zero prompts are still not an identity."""
+    deep = kind == "vpt_deep"
+    plain, vit = make_vit(variant), make_vit(variant)
+    x = images(vit)
+    injected = inject(vit, kind, num_tokens=3)
+    prompts = [module.prompts for module in injected if getattr(module, "prompts", None) is not None]
+    assert len(prompts) == (len(vit.blocks) if deep else 1)
+    assert all(p.shape == (3, vit.embed_dim) and p.requires_grad and not p.any() for p in prompts)
+    for _ in ("zero", "trained"):
+        with torch.no_grad():
+            expected = authors_vpt_tokens(plain, x, [p.detach() for p in prompts], deep)
+            torch.testing.assert_close(vit.forward_features(x), expected)
+            torch.testing.assert_close(vit(x), expected[:, 0])
+            assert not torch.allclose(vit(x), plain(x), atol=1e-4)  # zero tokens normalise to the LayerNorm bias
+        perturb(prompts)
+
+
+def test_vpt_paper_options() -> None:
+    """``init="uniform"`` (the VPT paper's bound) and prompt dropout, which acts in training mode only."""
+    vit = make_vit("vit")
+    x = images(vit)
+    injected = inject(vit, "vpt_deep", num_tokens=3, init="uniform", dropout=0.5)
+    bound = (6.0 / (3 * 8 * 8 + vit.embed_dim)) ** 0.5
+    prompts = [module.prompts for module in injected if getattr(module, "prompts", None) is not None]
+    assert all(p.any() and p.abs().max() <= bound for p in prompts)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(x), vit(x))
+        vit.train()
+        torch.manual_seed(0)
+        assert not torch.allclose(vit(x), vit(x))
+    with pytest.raises(ValueError, match="VPT init"):
+        inject(make_vit("vit"), "vpt_shallow", init="normal")

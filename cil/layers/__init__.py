@@ -51,7 +51,8 @@ PEFT_KINDS: dict[str, Callable[..., list[PEFTModule]]] = {
 
 
 def inject(model: nn.Module, kind: str, layers: Sequence[int] | None = None, **hp: Any) -> list[PEFTModule]:
-    """Injects PEFT modules of ``kind`` into the blocks ``layers`` (default: all) of a timm ViT, in place.
+    """Injects PEFT modules of ``kind`` into the blocks ``layers`` (default: all) of a timm ViT, in place; ``ssf``
+    by default also scales and shifts the patch embedding and the final norm (``patch_embed`` / ``final_norm``).
 
     ``model`` may be a timm ``VisionTransformer`` or any module holding one as ``.model`` (``cil.Backbone``).
     """

@@ -1,9 +1,19 @@
 """Learned tokens: prefix tuning (Li & Liang 2021) and visual prompt tuning, shallow and deep (Jia et al. 2022).
 
 Prefix tuning prepends learned keys and values to every chosen block's attention (the queries and the token
-sequence are unchanged). VPT inserts learned tokens into the sequence after the class/register tokens: *shallow*
-once before the first block, *deep* replaced by fresh ones before every chosen block; they are removed after the
-last block, so the model's pooling (class token or average of patch tokens) sees the usual tokens.
+sequence are unchanged).
+
+VPT follows the VPT ViT that APER trains (LAMDA-PILOT ``backbone/vpt.py``): prompt tokens without position
+embeddings are appended after the patch tokens, *shallow* once before the first block, *deep* replaced by fresh ones
+before every chosen block; their outputs are dropped after the last block, before the final norm, so the model's
+pooling (class token for APER's ViT-B/16, or the average of the patch tokens) never sees them. The defaults are the
+authors': prompts start at zero and have no dropout (the VPT paper: uniform init, ``init="uniform"``; its released
+runs: prompt dropout 0.1, ``dropout=0.1``). Zero prompts are not an identity: a zero token normalises to the
+LayerNorm's bias, and the other tokens attend to it. Where the prompts sit in the sequence does not matter: a ViT
+block without attention masks or rotary embeddings treats its tokens as a set, and the VPT paper's layout (right
+after the class token) gives the same features up to rounding. With deep prompts in only some of the blocks, the
+last prompted block's prompt outputs flow on through the unprompted blocks after it until they are dropped, as in
+the VPT paper's code.
 """
 
 from __future__ import annotations
@@ -50,9 +60,9 @@ class PrefixAttention(PEFTModule):
 
 
 class PromptedBlock(PEFTModule):
-    """A block that inserts (first prompted block), replaces (deep) and/or removes (last block) prompt tokens.
+    """A block that appends (first prompted block), replaces (deep) and/or drops (last block) prompt tokens.
 
-    Token layout while prompted: ``[prefix tokens (cls, registers) | prompts | patch tokens]``.
+    Token layout while prompted: ``[prefix tokens (cls, registers) | patch tokens | prompts]``.
     """
 
     kind = "vpt"
@@ -61,25 +71,25 @@ class PromptedBlock(PEFTModule):
         self,
         base: nn.Module,
         prompts: nn.Parameter | None,
-        num_prefix: int,
         num_prompts: int,
         insert: bool,
         remove: bool,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.base = base
         self.prompts = prompts  # [T, D] or None for a block that only removes
-        self.num_prefix, self.num_prompts = num_prefix, num_prompts
+        self.num_prompts = num_prompts
         self.insert, self.remove = insert, remove
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
         if self.prompts is not None:
-            prompts = self.prompts.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)  # [B, T, D]
-            head, tail = x[:, : self.num_prefix], x[:, self.num_prefix + (0 if self.insert else self.num_prompts) :]
-            x = torch.cat([head, prompts, tail], dim=1)
+            prompts = self.dropout(self.prompts).unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)  # [B, T, D]
+            x = torch.cat([x if self.insert else x[:, : -self.num_prompts], prompts], dim=1)  # [B, N + T, D]
         x = self.base(x, **kwargs)
         if self.remove:
-            x = torch.cat([x[:, : self.num_prefix], x[:, self.num_prefix + self.num_prompts :]], dim=1)
+            x = x[:, : -self.num_prompts]  # [B, N, D]
         return x
 
 
@@ -93,12 +103,35 @@ def inject_prefix(model: nn.Module, blocks: list[int], length: int = 10) -> list
     return injected
 
 
-def inject_vpt(model: nn.Module, blocks: list[int], num_tokens: int = 5, deep: bool = False) -> list[PEFTModule]:
-    """Visual prompt tuning: ``num_tokens`` prompts before the first chosen block (shallow) or before every chosen
-    block (deep). APER uses 5 tokens. Prompts start uniform in ``+-sqrt(6 / (3 p^2 + D))`` as in VPT."""
+VPT_INITS = ("zeros", "uniform")
+
+
+def inject_vpt(
+    model: nn.Module,
+    blocks: list[int],
+    num_tokens: int = 5,
+    deep: bool = False,
+    init: str = "zeros",
+    dropout: float = 0.0,
+) -> list[PEFTModule]:
+    """Visual prompt tuning: ``num_tokens`` prompts before the first chosen block (shallow) or fresh ones before every
+    chosen block (deep); their outputs are dropped after the last block.
+
+    Args:
+        model: A timm ``VisionTransformer``.
+        blocks: The blocks that get prompts (deep), or whose first one does (shallow).
+        num_tokens: Prompt tokens per prompted block (APER: 5).
+        deep: Fresh prompts at every chosen block instead of once.
+        init: ``"zeros"`` (APER's code) or ``"uniform"`` in ``+-sqrt(6 / (3 p^2 + D))`` (the VPT paper).
+        dropout: Dropout on the prompt tokens as they are inserted (APER's code: none; the VPT paper's runs: 0.1).
+    """
+    if init not in VPT_INITS:
+        raise ValueError(f"VPT init must be one of {VPT_INITS}, got {init!r}")
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens must be at least 1, got {num_tokens}")
     vit: Any = model
     model_blocks = vit_blocks(model)
-    dim, patch, num_prefix = vit.embed_dim, vit.patch_embed.patch_size[0], vit.num_prefix_tokens
+    dim, patch = vit.embed_dim, vit.patch_embed.patch_size[0]
     bound = math.sqrt(6.0 / (3 * patch * patch + dim))
     prompted = blocks if deep else blocks[:1]
     last = len(model_blocks) - 1
@@ -106,12 +139,13 @@ def inject_vpt(model: nn.Module, blocks: list[int], num_tokens: int = 5, deep: b
     for position, index in enumerate(range(blocks[0], last + 1)):
         prompts = None
         if index in prompted:
-            prompts = nn.Parameter(torch.empty(num_tokens, dim).uniform_(-bound, bound))
+            prompts = nn.Parameter(torch.zeros(num_tokens, dim))  # [T, D]
+            if init == "uniform":
+                nn.init.uniform_(prompts, -bound, bound)
         if prompts is None and index != last:
             continue
-        insert = position == 0
         wrapped = PromptedBlock(
-            model_blocks[index], prompts, num_prefix, num_tokens, insert=insert, remove=index == last
+            model_blocks[index], prompts, num_tokens, insert=position == 0, remove=index == last, dropout=dropout
         )
         model_blocks[index] = wrapped
         injected.append(wrapped)
