@@ -9,11 +9,14 @@ because every task starts from a seed derived from the run's seed and the task i
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import multilabel_average_precision
 
+from cil._malloc import tune_malloc
 from cil.data import DataConfig, Transformed, build_transform, make_loader
 from cil.flops import flop_counter
 from cil.method import CILMethod, method_registry_name
@@ -242,6 +246,12 @@ class Engine:
         count_flops: Count the training FLOPs of every task (see :class:`_FlopSampler`): the fit and the feature
             extractions of ``after_task``; a method's own arithmetic on cached features (MOS's classifier alignment)
             is not counted.
+        verbose: Let Lightning print its per-Trainer banners and tips (hardware, logging); by default a run shows
+            only progress and warnings.
+
+    A run applies :func:`cil._malloc.tune_malloc` (glibc allocator settings, 2-3x faster CPU training) unless
+    ``CIL_NO_MALLOC_TUNING=1``. Without a ``config`` (Python API), ``config.yaml`` records the method's class and
+    arguments, the backbone, the stream, the data settings, the seed and the protocol.
     """
 
     def __init__(
@@ -259,6 +269,7 @@ class Engine:
         protocol: str = "class_incremental",
         count_flops: bool = True,
         retention: Stream | None = None,
+        verbose: bool = False,
     ) -> None:
         method.set_protocol(protocol)  # validates the name and the method's support
         _check_task_kinds(method, stream, protocol)
@@ -271,7 +282,8 @@ class Engine:
         self.trainer_factory = trainer_factory or make_trainer_factory(self.out, {"max_epochs": 1})
         self.data = data or DataConfig()
         self.seed = seed
-        self.config = config or {}
+        self.verbose = verbose
+        self.config = config or api_config(method, stream, self.data, seed, protocol)
         self.resume = resume
         self.keep_checkpoints = keep_checkpoints
         self.config_hash = config_hash(self.config)
@@ -293,6 +305,13 @@ class Engine:
     # ---- public ----------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Runs (or continues) the stream; returns the summary."""
+        tune_malloc()
+        with contextlib.ExitStack() as quiet:
+            if not self.verbose:
+                quiet.enter_context(_quiet_lightning())
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         start = self._restore() if self.resume else self._check_fresh_out()
         if start == 0:
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
@@ -537,6 +556,41 @@ class Engine:
         start = int(state["task_index"]) + 1
         log.info("resuming %s after task %d of %d", self.out, start, len(self.stream))
         return start
+
+
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's per-Trainer banners and tips at WARNING, and its known harmless warnings off, for one run."""
+    loggers = [logging.getLogger(f"lightning.{part}.utilities.rank_zero") for part in ("pytorch", "fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*")  # lightning 2.6 + torch 2.14
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # 0 workers is measured faster
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def api_config(method: CILMethod, stream: Stream, data: DataConfig, seed: int, protocol: str) -> dict[str, Any]:
+    """The configuration of a run built in Python, in the shape of ``cil run``'s: what ``config.yaml`` records and
+    what ``--resume`` checks."""
+    backbone = method.backbone
+    config = {
+        "seed_everything": seed,
+        "protocol": protocol,
+        "backbone": {"name": backbone.name, "weights": backbone.weights, "input_size": backbone.input_size},
+        "method": {
+            "class_path": f"{type(method).__module__}.{type(method).__qualname__}",
+            "init_args": dict(method.hparams),
+        },
+        "stream": {"name": stream.name, **stream.metadata},
+        "data": dataclasses.asdict(data),
+    }
+    return json.loads(json.dumps(config, default=str))  # plain YAML-able values, as the hash sees them
 
 
 def describe_stream(stream: Stream) -> dict[str, Any]:

@@ -156,3 +156,39 @@ def test_a_capped_run_trains_each_task_for_the_cap(tmp_path: Path) -> None:
     )
     Engine(method, tiny_stream(increment=5), tmp_path, trainer_factory=trainers, data=TINY_DATA, seed=0).run()
     assert method.steps == [2, 2]
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_the_python_api_is_quiet_by_default_and_records_its_configuration(
+    verbose: bool, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import logging
+    import warnings
+
+    import yaml
+
+    from cil.method import create_method
+
+    for part in ("pytorch", "fabric"):  # undo conftest's quieting: the engine must do it itself
+        monkeypatch.setattr(logging.getLogger(f"lightning.{part}.utilities.rank_zero"), "level", logging.INFO)
+    trainers = make_trainer_factory(tmp_path, {"accelerator": "cpu", "enable_progress_bar": False})
+    engine = Engine(
+        create_method("simplecil", tiny_backbone()),
+        tiny_stream(increment=5),
+        tmp_path,
+        trainer_factory=trainers,
+        data=TINY_DATA,
+        seed=7,
+        verbose=verbose,
+    )
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine.run()
+    printed = caplog.text  # what reaches the handlers (Lightning prints through its own)
+    assert ("GPU available" in printed) is verbose  # Lightning's banner, once per Trainer, only when asked for
+    assert verbose or not [w for w in caught if "LeafSpec" in str(w.message) or "many workers" in str(w.message)]
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["method"]["class_path"] == "methods.simplecil.SimpleCIL"
+    assert config["stream"]["name"] == "sklearn_digits" and config["seed_everything"] == 7
+    assert config["backbone"]["name"] == "vit_tiny_patch16_224" and config["data"]["batch_size"] == 32
