@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # 3 seeds x {simplecil, finetune, joint} on the offline quickstart stream (EfficientNet-Lite0, Animal-MNIST B0-Inc2),
 # then the paper-style table. Finished seeds are skipped, so re-running only completes what is missing.
-#   bash benchmarks/quickstart_sweep.sh [OUT_ROOT]        (about 15 minutes on 2 CPU cores)
+#   bash benchmarks/quickstart_sweep.sh [OUT_ROOT]        (about 30 minutes on 2 free CPU cores)
 set -euo pipefail
 root=${1:-runs/sweep}
 seeds=(1993 1994 1995)

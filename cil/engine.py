@@ -14,6 +14,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
+import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -27,11 +29,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import multilabel_average_precision
 
 from cil._malloc import tune_malloc
+from cil._interrupt import Interrupted, signals_deferred
 from cil.data import DataConfig, Transformed, build_transform, make_loader
 from cil.flops import flop_counter
 from cil.method import CILMethod, method_registry_name
@@ -317,7 +321,10 @@ class Engine:
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
             atomic_write_text(self.out / "stream.json", json.dumps(describe_stream(self.stream), indent=2, default=str))
         for task in self.stream.tasks[start:]:
-            self._run_task(task)
+            try:
+                self._run_task(task)
+            except (Interrupted, SIGTERMException) as error:  # SIGTERMException: Lightning's, if nobody else handles it
+                raise self._interrupted(task, error) from None
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
@@ -389,7 +396,8 @@ class Engine:
             }
         )
         method.task_info = {}
-        self._write(task)
+        with signals_deferred():  # a signal here waits until the task is fully recorded
+            self._write(task)
 
     def _consolidate(self, method: CILMethod, task: Task, data: Dataset[Any], callbacks: list[Callback]) -> None:
         """The method's second fit of the task, on its own data, with a fresh Trainer and its own log folder."""
@@ -517,6 +525,17 @@ class Engine:
             for old in self._checkpoints()[: -self.keep_checkpoints]:
                 old.unlink()
 
+    def _interrupted(self, task: Task, error: BaseException) -> Interrupted:
+        """Discards what the unfinished ``task`` left (its logs; its results are only written with its checkpoint)
+        so that ``--resume`` starts it afresh, and says how far the run got."""
+        finished = task.index + 1 if self._checkpoint_path(task.index).exists() else task.index
+        if finished == task.index:
+            for name in (f"task_{task.index:03d}", f"task_{task.index:03d}_consolidation"):
+                shutil.rmtree(self.out / "logs" / name, ignore_errors=True)
+        interrupted = error if isinstance(error, Interrupted) else Interrupted(signal.SIGTERM)
+        interrupted.finished_tasks, interrupted.num_tasks, interrupted.out = finished, len(self.stream), self.out
+        return interrupted
+
     def _checkpoint_path(self, index: int) -> Path:
         return self.out / "checkpoints" / f"task_{index:03d}.ckpt"
 
@@ -526,7 +545,7 @@ class Engine:
     def _check_fresh_out(self) -> int:
         if (self.out / "results.csv").exists() or self._checkpoints():
             raise FileExistsError(
-                f"{str(self.out)!r} already holds a run; pass --resume to continue it, or choose another --out"
+                f"{str(self.out)!r} already holds a run; pass --resume true to continue it, or choose another --out"
             )
         return 0
 
@@ -601,6 +620,8 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
             "name": task.name,
             "kind": task.kind,
             "num_classes": task.num_classes,
+            "classes": list(task.classes),  # global ids, in the stream's class order
+            "class_names": list(task.class_names),
             "n_train": len(task.train),  # type: ignore[arg-type]
             "n_test": len(task.test),  # type: ignore[arg-type]
             **{k: v for k, v in task.metadata.items() if k != "original_classes"},

@@ -56,11 +56,14 @@ class TableSpec:
             raise ValueError("a table needs at least one --rows key (e.g. method)")
 
 
-def aggregate(summaries: pd.DataFrame, spec: TableSpec, compare_paper: bool = False) -> pd.DataFrame:
+def aggregate(
+    summaries: pd.DataFrame, spec: TableSpec, compare_paper: bool = False, one_per_seed: bool = False
+) -> pd.DataFrame:
     """Long frame: one row per (rows..., cols..., source, metric) with ``mean``, ``std`` (over seeds) and ``n``.
 
     ``summaries`` is :func:`cil.results.load_summaries` (``with_config=True`` for ``config.*`` keys and for
-    ``compare_paper``). Runs that differ only in their seed fall into one group.
+    ``compare_paper``). Runs that differ only in their seed fall into one group; runs that repeat a seed within a
+    group are refused, or with ``one_per_seed`` the first of them (by run directory) is kept.
     """
     keys = [*spec.rows, *spec.cols]
     missing = [key for key in [*keys, *spec.metrics] if key not in summaries.columns]
@@ -74,6 +77,8 @@ def aggregate(summaries: pd.DataFrame, spec: TableSpec, compare_paper: bool = Fa
         )
     frame = summaries.copy()
     frame[keys] = frame[keys].astype(str)  # None / NaN in a config key become a group of their own
+    if one_per_seed and "seed" in frame.columns:
+        frame = frame.sort_values("run", kind="stable").drop_duplicates([*keys, "seed"], keep="first")
     _check_groups_differ_only_in_seed(frame, keys)
     long = frame.melt(id_vars=keys, value_vars=list(spec.metrics), var_name="metric", value_name="value")
     long["value"] = pd.to_numeric(long["value"], errors="coerce")
@@ -94,9 +99,12 @@ def _check_groups_differ_only_in_seed(frame: pd.DataFrame, keys: list[str]) -> N
     ]
     for group, runs in frame.groupby(keys, sort=False):
         if "seed" in runs.columns and runs["seed"].duplicated().any():
+            repeated = runs[runs["seed"].duplicated(keep=False)].sort_values(["seed", "run"])
+            seed = repeated["seed"].iloc[0]
+            names = " and ".join(repeated.loc[repeated["seed"] == seed, "run"].astype(str))
             raise ValueError(
-                f"the runs of {group} repeat a seed ({sorted(runs['seed'].tolist())}): they are different "
-                "experiments; split them with --rows / --cols (e.g. a config.* key)"
+                f"the runs of {group} repeat seed {seed}: {names}; pass only one of them, add --one-per-seed to "
+                "keep the first, or split them with --rows / --cols (e.g. a config.* key) if they differ"
             )
         differing = [c for c in config if runs[c].astype(str).nunique() > 1]
         if differing:

@@ -207,11 +207,11 @@ def test_table_refuses_to_average_runs_that_differ_in_more_than_the_seed() -> No
         aggregate(summaries, TableSpec(metrics=("avg_incremental_acc",)))
     spec = TableSpec(rows=("method", "config.method.init_args.merge_momentum"), metrics=("avg_incremental_acc",))
     assert len(aggregate(summaries, spec)) == 2  # one cell per setting once the key is a row
-    with pytest.raises(ValueError, match="repeat a seed"):
-        aggregate(
-            summaries.assign(seed=1).drop(columns="config.method.init_args.merge_momentum"),
-            TableSpec(metrics=("avg_incremental_acc",)),
-        )
+    twice = summaries.assign(seed=1, run=["runs/b", "runs/a"]).drop(columns="config.method.init_args.merge_momentum")
+    with pytest.raises(ValueError, match="repeat seed 1: runs/a and runs/b; pass only one of them"):
+        aggregate(twice, TableSpec(metrics=("avg_incremental_acc",)))
+    kept = aggregate(twice, TableSpec(metrics=("avg_incremental_acc",)), one_per_seed=True)
+    assert kept["n"].tolist() == [1] and kept["mean"].tolist() == [70.0]  # runs/a, the first by directory
 
 
 def test_table_keeps_the_decimals_and_orders_columns_by_group() -> None:

@@ -192,3 +192,6 @@ def test_the_python_api_is_quiet_by_default_and_records_its_configuration(
     assert config["method"]["class_path"] == "methods.simplecil.SimpleCIL"
     assert config["stream"]["name"] == "sklearn_digits" and config["seed_everything"] == 7
     assert config["backbone"]["name"] == "vit_tiny_patch16_224" and config["data"]["batch_size"] == 32
+    described = json.loads((tmp_path / "stream.json").read_text())  # the class order, task by task
+    assert [t["classes"] for t in described["tasks"]] == [list(task.classes) for task in engine.stream]
+    assert [t["class_names"] for t in described["tasks"]] == [list(task.class_names) for task in engine.stream]
