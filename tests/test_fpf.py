@@ -11,10 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
+import methods.er as er_module
 from cil.backbones import Backbone
+from cil.buffer import ReservoirBuffer
 from cil.engine import Engine
 from cil.method import CILMethod, create_method
 from cil.sensitivity import SensitivityRecorder, module_units, rank_modules, select_units, unit_tensors
+from cil.task import Task
+from methods.er import replay_batch
 from tests.conftest import TINY_DATA, cpu_trainers, crash_during, tiny_backbone, tiny_stream
 
 ADAMW = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0}
@@ -77,16 +81,42 @@ def test_fpf_last_task_only_leaves_the_earlier_rows_to_the_wrapped_method(tmp_pa
     assert (tmp_path / "fpf" / "logs" / "task_001_consolidation").is_dir()
 
 
-def test_fpf_over_er_shares_its_buffer(tmp_path: Path) -> None:
+def test_fpf_over_er_shares_its_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One buffer, ER's: built by ER's initialiser with ER's size, filled once per task (by ER), replayed from by
+    ER's training steps and finetuned on by FPF's consolidation fits."""
+    built: list[ReservoirBuffer] = []  # the buffers ER's initialiser builds
+    replayed: set[int] = set()  # ids of the buffers ER's training steps draw from
+
+    def build(*args: Any, **kwargs: Any) -> ReservoirBuffer:
+        built.append(ReservoirBuffer(*args, **kwargs))
+        return built[-1]
+
+    def replay(method: CILMethod, buffer: ReservoirBuffer, size: int) -> tuple[torch.Tensor, ...]:
+        replayed.add(id(buffer))
+        return replay_batch(method, buffer, size)
+
+    monkeypatch.setattr(er_module, "ReservoirBuffer", build)
+    monkeypatch.setattr(er_module, "replay_batch", replay)
     torch.manual_seed(0)
     fpf = create_method("fpf", tiny_backbone(), method="er", method_args={"buffer_size": 30, **ADAMW}, fpf_steps=2)
-    assert fpf.buffer is fpf.buffer and not fpf._owns_buffer
+    assert len(built) == 1 and fpf.buffer is built[0] and fpf.buffer.capacity == 30
+    consolidated: set[int] = set()  # ids of the buffers FPF's consolidation datasets read
+    original = fpf.consolidation_dataset
+
+    def consolidation_dataset(task: Task, seen: Any) -> Any:
+        dataset = original(task, seen)
+        consolidated.add(id(dataset.buffer))
+        return dataset
+
+    fpf.consolidation_dataset = consolidation_dataset  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="method_args"):
         create_method("fpf", tiny_backbone(), method="er", method_args={"buffer_size": 30}, buffer_size=50)
     with pytest.raises(ValueError, match="already finetunes"):
         create_method("fpf", tiny_backbone(), method="kfpf")
     _run(fpf, tmp_path, increment=5)
     assert len(fpf.buffer) == 30 and set(fpf.buffer.task_counts()) == {0, 1}
+    assert fpf.buffer.offered == 2 * 100  # each of the 2 tasks' 100 training images offered once, not once per owner
+    assert replayed == consolidated == {id(fpf.buffer)}
 
 
 def test_kd_targets_are_the_logits_after_each_images_task(tmp_path: Path) -> None:

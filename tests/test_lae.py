@@ -80,16 +80,54 @@ def test_calibration_freezes_the_pet_module_for_the_first_epochs_of_later_tasks(
     torch.testing.assert_close(head_rows[1][:5], head_rows[0])  # old classes' rows: masked, never updated
 
 
-# Learning rates at which each PET kind fits the random tiny ViT best; prefix tuning needs pre-trained features
-# (tests/test_methods.py), so for it only the bookkeeping is checked here.
+# Learning rates at which each PET kind fits the random tiny ViT best. Prefix tuning trains here (every tensor moves),
+# but it needs pre-trained features to fit the digits (tests/test_methods.py), so its accuracy is not checked.
 TINY_LR = {"adapter": 3e-3, "lora": 1e-2, "prefix": 1e-2}
 
 
 @pytest.mark.parametrize("pet", ["adapter", "lora", "prefix"])
 def test_every_pet_kind_learns_and_records_the_three_accuracies(pet: str, tmp_path: Path) -> None:
     method = _lae(pet=pet, epochs=10, freeze_epochs=3, lr=TINY_LR[pet])
+    torch.manual_seed(0)
+    plain = tiny_backbone(global_pool="avg").eval()  # the backbone _lae built, without the PET module
     engine = _engine(tmp_path, method)
+    test = engine.stream[0].test
+    x = torch.stack([engine.eval_transform(test[i][0]) for i in range(16)])  # [16, 3, H, W]
+
+    def embedding() -> torch.Tensor:
+        with torch.no_grad(), method.evaluating():
+            return method.embed(x)  # [16, D]: the online model's
+
+    def pet_tensors() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in zip(method.online.names, method.online.parameters(), strict=True)}
+
+    pet_at_start, embedding_at_start = pet_tensors(), embedding()
+    frozen_at_start = {n: p.detach().clone() for n, p in method.backbone.named_parameters() if n not in pet_at_start}
+    with torch.no_grad():
+        plain_features = plain(x)
+    if pet != "prefix":  # adapters and LoRA start at zero (as the plain backbone); prefixes start random
+        torch.testing.assert_close(embedding_at_start, plain_features)
+    after_first: dict[str, Any] = {}
+    original = method.after_task
+
+    def record(task: Task, features: Any) -> None:
+        if task.index == 0:
+            after_first.update(pet=pet_tensors(), embedding=embedding())
+        original(task, features)
+
+    method.after_task = record  # type: ignore[method-assign]
     engine.run()
+
+    # the first task trained every tensor of the PET module (so each one received gradients) and nothing else of
+    # the backbone, and the features moved: away from the plain backbone's and from the untrained PET module's
+    unchanged = [n for n, value in after_first["pet"].items() if torch.equal(value, pet_at_start[n])]
+    assert not unchanged, f"lae {pet}: task 0 left these PET tensors unchanged: {unchanged}"
+    for name, param in method.backbone.named_parameters():
+        if name not in pet_at_start:
+            assert torch.equal(param, frozen_at_start[name]), f"lae {pet}: the frozen backbone's {name} changed"
+    for reference in (plain_features, embedding_at_start):
+        assert (after_first["embedding"] - reference).abs().max() > 1e-3, f"lae {pet}: the features did not move"
+
     tasks = pd.read_csv(tmp_path / "tasks.csv")
     assert {"online_acc", "offline_acc", "ensemble_acc"} <= set(tasks.columns)
     assert tasks.loc[0, "online_acc"] == tasks.loc[0, "offline_acc"] == tasks.loc[0, "ensemble_acc"]  # no offline

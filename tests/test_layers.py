@@ -296,3 +296,16 @@ def test_vpt_paper_options() -> None:
         assert not torch.allclose(vit(x), vit(x))
     with pytest.raises(ValueError, match="VPT init"):
         inject(make_vit("vit"), "vpt_shallow", init="normal")
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_trainable_prompts_run_under_inference_mode_with_flop_counting(dropout: float) -> None:
+    """FLOP counting tracks modules; a module called on a trainable prompt parameter broke it in inference mode."""
+    from cil.flops import flop_counter
+
+    vit = make_vit("vit")
+    inject(vit, "vpt_shallow", num_tokens=3, dropout=dropout)
+    vit.eval()
+    with torch.inference_mode(), flop_counter() as counter:
+        features = vit(images(vit))
+    assert torch.isfinite(features).all() and counter.get_total_flops() > 0

@@ -90,7 +90,7 @@ def test_method_contract(name: str, protocol: str, tmp_path: Path) -> None:
     if name in NEEDS_PRETRAINED_FEATURES:
         trained = [p for p in method.parameters() if p.requires_grad]
         assert trained and all(p.abs().sum() > 0 for p in trained), f"{name} left trainable parameters at zero"
-    else:
+    elif not name.startswith("aper_"):  # APER here scores 36-48 %, as random features do (31-45 %): tests/test_aper.py
         assert first > 35.0, f"{name} reached only {first:.1f}% on task 0 (chance 20%)"
 
     # a checkpoint round trip gives a method with identical predictions

@@ -100,10 +100,14 @@ def test_forgetting_is_negative_when_an_old_task_improves() -> None:
     # Chaudhry et al.: max over the steps before the last -> 50 - 70 = -20
     np.testing.assert_allclose(metrics.forgetting_per_task(improved), [-20.0])
     assert metrics.avg_forgetting(improved) == pytest.approx(-20.0)
-    # PILOT-style: max over all steps including the last -> max(50, 70) - 70 = 0, never negative
-    pilot_style = max(50.0, 70.0) - 70.0
-    assert pilot_style == 0.0
-    assert metrics.avg_forgetting(improved) != pilot_style
+    # PILOT takes the max over all steps including the last, so every entry below would be 0 there. Each old task
+    # here rises at every step after it was learned:
+    rising = np.array([[50.0, nan, nan], [60.0, 80.0, nan], [70.0, 85.0, 90.0]])
+    # step 2: task 0: max(50, 60) - 70 = -10; task 1: max(80) - 85 = -5; mean -7.5
+    np.testing.assert_allclose(metrics.forgetting_per_task(rising), [-10.0, -5.0])
+    assert metrics.avg_forgetting(rising) == pytest.approx(-7.5)
+    # step 1: task 0: max(50) - 60 = -10
+    np.testing.assert_allclose(metrics.forgetting_per_task(rising, step=1), [-10.0])
 
 
 def test_forgetting_takes_the_max_over_earlier_steps_not_the_diagonal() -> None:

@@ -81,11 +81,14 @@ class PromptedBlock(PEFTModule):
         self.prompts = prompts  # [T, D] or None for a block that only removes
         self.num_prompts = num_prompts
         self.insert, self.remove = insert, remove
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
         if self.prompts is not None:
-            prompts = self.dropout(self.prompts).unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)  # [B, T, D]
+            prompts = self.prompts
+            if self.dropout > 0:  # not a module call on the parameter: torch's module tracker (FLOP counting) fails
+                prompts = F.dropout(prompts, self.dropout, self.training)
+            prompts = prompts.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)  # [B, T, D]
             x = torch.cat([x if self.insert else x[:, : -self.num_prompts], prompts], dim=1)  # [B, N + T, D]
         x = self.base(x, **kwargs)
         if self.remove:
