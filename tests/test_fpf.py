@@ -230,3 +230,22 @@ def test_head_lr_gives_the_head_its_own_learning_rate() -> None:
     assert [g["lr"] for g in groups] == [1e-5, 1e-2]
     assert {id(p) for p in groups[1]["params"]} == head and not head & {id(p) for p in groups[0]["params"]}
     assert len(create_method("finetune", tiny_backbone()).head.weight) == 0  # nothing else changes by default
+
+
+def test_fpf_steps_scale_the_loss_and_unscale_the_gradients_under_fp16() -> None:
+    from methods.fpf import _backward_and_step
+
+    scaled, plain = (torch.nn.Parameter(torch.tensor([1.0, -2.0])) for _ in range(2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    seen: list[float] = []
+    scale = scaler.scale
+    scaler.scale = lambda loss: seen.append(float(loss)) or scale(loss)  # type: ignore[method-assign,func-returns-value]
+    for param, grad_scaler in ((scaled, scaler), (plain, None)):
+        _backward_and_step((param**2).sum(), torch.optim.SGD([param], lr=0.1), grad_scaler)
+    assert seen == [5.0]  # the loss went through the scaler
+    torch.testing.assert_close(scaled, plain)  # and the step saw the unscaled gradient
+    assert scaled.grad is not None and scaled.grad.tolist() == [2.0, -4.0]
+
+    overflow = torch.nn.Parameter(torch.tensor([1.0]))
+    _backward_and_step(overflow.sum() * float("inf"), torch.optim.SGD([overflow], lr=0.1), scaler)
+    assert overflow.item() == 1.0 and scaler.get_scale() < 1024.0  # a step with inf gradients is skipped

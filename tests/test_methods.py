@@ -51,6 +51,9 @@ def from_scratch_kwargs(name: str) -> dict[str, object]:
     return {**kwargs, **FPF_OVERRIDES.get(name, {})}
 
 
+# A held-out task for the retention probe, which every method must answer with its backbone's own features.
+RETENTION = tiny_stream(seed=1, increment=10, train_per_class=3, test_per_class=3)
+
 # Every method once, under its canonical name (aliases such as rank_selective_lora -> codyra are the same class).
 CANONICAL = [name for name in list_methods() if method_registry_name(method_class(name)) == name]
 
@@ -70,6 +73,7 @@ def test_method_contract(name: str, protocol: str, tmp_path: Path) -> None:
         seed=3,
         data=TINY_DATA,
         protocol=protocol,
+        retention=RETENTION,
     )
     engine.run()
 
@@ -86,6 +90,7 @@ def test_method_contract(name: str, protocol: str, tmp_path: Path) -> None:
     results = pd.read_csv(tmp_path / "results.csv")
     assert (results["protocol"] == protocol).all()
     assert (results["method"] == name).all()  # rows carry the registry name, also through the Python API
+    assert results["retention_acc"].between(0, 100).all()  # the probe ran after every task
     first = results.query("train_task == 0 and eval_task == 0")["accuracy"].item()
     if name in NEEDS_PRETRAINED_FEATURES:
         trained = [p for p in method.parameters() if p.requires_grad]
