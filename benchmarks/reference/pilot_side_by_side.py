@@ -1,0 +1,543 @@
+"""Side by side with the authors' code: an unmodified LAMDA-PILOT checkout next to ``cil`` on identical inputs.
+
+    python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method simplecil \
+        --out runs/reference/simplecil
+
+PILOT (https://github.com/LAMDA-CL/LAMDA-PILOT) is imported from ``--pilot`` at run time; nothing of it is copied
+into this repository. Two of its functions are replaced, from here, for the duration of the run:
+
+* ``utils.data_manager._get_idata``: returns an ``iData`` whose images are the uint8 arrays of the ``cil`` stream
+  (same train / test split, same per-class caps) with ``cil``'s own evaluation / training transforms as PILOT's
+  ``test_trsf`` / ``train_trsf`` (``common_trsf`` empty). PILOT shuffles the class order itself
+  (``shuffle: true``, ``np.random.seed(seed)``); the harness checks that it equals ``cil``'s.
+* ``utils.inc_net.get_backbone``: returns a deep copy of the timm model inside ``cil``'s ``Backbone`` (same
+  weights), with the ``out_dim`` attribute PILOT reads.
+
+Two further wrappers only observe: ``utils.factory.get_model`` hands the Learner it builds to the harness, whose
+``_eval_cnn`` is wrapped to keep its predictions (same return value); on our side ``cil.engine.TaskAccuracy`` is
+replaced by a subclass that keeps the predictions it scores. PILOT runs through its own ``trainer._train`` with the
+hyper-parameters of its ``exps/<method>.json``; only ``dataset``, ``init_cls``, ``increment``, ``shuffle``,
+``seed``, ``device`` and ``backbone_type`` are set by the harness. ``timm.models.layers.weight_init`` (moved in
+timm 1.x) is aliased to ``timm.layers.weight_init`` when the old path does not import.
+
+Before anything is learned the harness checks, and stops if any fails:
+
+1. class order: PILOT's ``DataManager._class_order`` equals the order of ``cil``'s stream;
+2. inputs: every train and test image's tensor from PILOT's ``DummyDataset`` (``mode="test"``) equals ``cil``'s
+   (``Transformed(task.train / task.test, engine.eval_transform)``), bit for bit (``torch.equal``);
+3. backbone: the state dicts are equal and PILOT's ``SimpleVitNet.extract_vector`` gives bit-identical features to
+   ``cil``'s ``Backbone`` on every one of those tensors.
+
+Then both sides learn the stream; the prediction on every test image after every task is compared. Outputs under
+``--out``: ``report.json`` (checks, per-step accuracies, A-bar / A_last, wall times, disagreements),
+``predictions.csv`` (one row per step and test image), ``table.md``, ``cil/`` (the ``cil`` run directory) and
+``pilot/`` (PILOT's ``logs/`` tree).
+
+PILOT needs packages that ``cil`` does not: ``pip install scipy tqdm`` (and ``easydict`` for its adapter ViTs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from torch import nn
+
+import cil
+import cil.engine
+from cil.data import ArrayDataset, DataConfig, Transformed
+from cil.metrics import TaskAccuracy
+from cil.task import LabelMapped
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How one method is run on each side."""
+
+    pilot_json: str  # under the PILOT checkout's exps/
+    cil_config: str  # under this repository's configs/
+
+
+METHODS = {
+    "simplecil": MethodSpec("simplecil.json", "configs/experiments/simplecil_vit_offline.yaml"),
+}
+
+
+# ---- our side ------------------------------------------------------------------------------------------------
+class _RecordingAccuracy(TaskAccuracy):
+    """``TaskAccuracy`` that also keeps what it is given; one instance per evaluation (= per training task)."""
+
+    calls: ClassVar[list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]] = []
+
+    def __init__(self, num_tasks: int, **kwargs: Any) -> None:
+        super().__init__(num_tasks, **kwargs)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        _RecordingAccuracy.calls.append(self.seen)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, task_ids: torch.Tensor) -> None:
+        labels = preds.argmax(dim=1) if preds.ndim == 2 else preds
+        self.seen.append((labels.clone().cpu(), target.clone().cpu(), task_ids.clone().cpu()))
+        super().update(preds, target, task_ids)
+
+
+@contextlib.contextmanager
+def _recording_engine() -> Iterator[list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]]:
+    original = cil.engine.TaskAccuracy
+    _RecordingAccuracy.calls = []
+    cil.engine.TaskAccuracy = _RecordingAccuracy  # type: ignore[misc]
+    try:
+        yield _RecordingAccuracy.calls
+    finally:
+        cil.engine.TaskAccuracy = original  # type: ignore[misc]
+
+
+def _load_config(path: Path, base: int, increment: int, seed: int, device: str) -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(path.read_text())
+    config["seed_everything"] = seed
+    config["stream"] = {**config["stream"], "base": base, "increment": increment}
+    config["trainer"] = {
+        **config.get("trainer", {}),
+        "accelerator": device,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+    }
+    return config
+
+
+def _build_method(config: dict[str, Any], backbone: cil.Backbone) -> cil.CILMethod:
+    cil.list_methods()  # imports methods/ so that class paths resolve
+    module_name, _, class_name = str(config["method"]["class_path"]).rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(backbone=backbone, **(config["method"].get("init_args") or {}))
+
+
+def _underlying(dataset: Any) -> tuple[ArrayDataset, list[int]]:
+    if not isinstance(dataset, LabelMapped) or not isinstance(dataset.dataset, ArrayDataset):
+        raise ValueError("the harness needs an in-memory stream (animal_mnist, sklearn_digits)")
+    return dataset.dataset, dataset.indices
+
+
+# ---- PILOT ---------------------------------------------------------------------------------------------------
+def _import_pilot(root: Path) -> dict[str, Any]:
+    """PILOT's modules, imported from its checkout (its modules import each other from its root)."""
+    if not (root / "trainer.py").is_file() or not (root / "utils" / "data_manager.py").is_file():
+        raise FileNotFoundError(f"{root} is not a LAMDA-PILOT checkout (no trainer.py / utils/data_manager.py)")
+    sys.path.insert(0, str(root))
+    try:
+        importlib.import_module("timm.models.layers.weight_init")
+    except ModuleNotFoundError:  # timm >= 1.0 moved it; PILOT's backbone/linears.py still imports the old path
+        sys.modules["timm.models.layers.weight_init"] = importlib.import_module("timm.layers.weight_init")
+    names = ["utils.data", "utils.data_manager", "utils.inc_net", "utils.factory", "trainer"]
+    return {name: importlib.import_module(name) for name in names}
+
+
+def _pilot_args(
+    root: Path, spec: MethodSpec, base: int, increment: int, seed: int, device: str, backbone_type: str
+) -> dict[str, Any]:
+    args: dict[str, Any] = json.loads((root / "exps" / spec.pilot_json).read_text())
+    args.update(
+        dataset="cil_stream",
+        init_cls=base or increment,
+        increment=increment,
+        shuffle=True,
+        seed=seed,  # trainer._train takes one seed; trainer.train loops over a list
+        device=[-1] if device == "cpu" else [0],
+        backbone_type=backbone_type,  # names the log file; the patched get_backbone ignores it
+        config=f"exps/{spec.pilot_json}",  # what main.py would add
+    )
+    return args
+
+
+def _make_idata(
+    pilot: dict[str, Any], train: ArrayDataset, test: ArrayDataset, train_trsf: Any, test_trsf: Any
+) -> Callable[..., Any]:
+    base = pilot["utils.data"].iData
+
+    class CilStream(base):  # type: ignore[misc, valid-type]
+        """The ``cil`` stream's images and transforms in PILOT's dataset interface."""
+
+        use_path = False
+
+        def __init__(self) -> None:
+            self.train_trsf = [train_trsf]
+            self.test_trsf = [test_trsf]
+            self.common_trsf: list[Any] = []
+            self.class_order = None  # PILOT shuffles with its seed; the harness checks the result
+
+        def download_data(self) -> None:
+            self.train_data, self.train_targets = train.images, train.targets.copy()
+            self.test_data, self.test_targets = test.images, test.targets.copy()
+
+    def get_idata(dataset_name: str, args: Any = None) -> Any:
+        if dataset_name != "cil_stream":
+            raise ValueError(f"the harness only provides dataset 'cil_stream', PILOT asked for {dataset_name!r}")
+        return CilStream()
+
+    return get_idata
+
+
+def _make_get_backbone(backbone: cil.Backbone) -> Callable[..., nn.Module]:
+    def get_backbone(args: Any, pretrained: bool = False) -> nn.Module:
+        model = copy.deepcopy(backbone.model)
+        model.out_dim = backbone.num_features  # type: ignore[assignment]
+        return model.eval()
+
+    return get_backbone
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: Any) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its reaped children (PILOT's DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _pilot_indices(targets: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Original indices of the images PILOT's ``get_dataset(classes)`` returns, in its order (class by class)."""
+    return np.concatenate([np.flatnonzero(targets == c) for c in classes])
+
+
+# ---- checks --------------------------------------------------------------------------------------------------
+def _check_inputs(
+    dm: Any, stream: cil.Stream, eval_transform: Any, train: ArrayDataset, test: ArrayDataset
+) -> dict[str, Any]:
+    """Every image's tensor on both sides; returns counts, and the stacked tensors for the backbone check."""
+    ours: dict[tuple[str, int], torch.Tensor] = {}
+    for task in stream:
+        for source, data in (("train", task.train), ("test", task.test)):
+            _, indices = _underlying(data)
+            transformed = Transformed(data, eval_transform)
+            for position, i in enumerate(indices):
+                ours[(source, i)] = transformed[position][0]
+    theirs: dict[tuple[str, int], torch.Tensor] = {}
+    labels_equal = True
+    for source, targets in (("train", dm._train_targets), ("test", dm._test_targets)):
+        classes = list(range(dm.nb_classes))
+        dataset = dm.get_dataset(np.arange(dm.nb_classes), source=source, mode="test")
+        originals = _pilot_indices(targets, classes)
+        reference = train if source == "train" else test
+        for position, original in enumerate(originals):
+            _, image, label = dataset[position]
+            theirs[(source, int(original))] = image
+            expected = dm._class_order.index(int(reference.targets[original]))
+            labels_equal &= int(label) == expected
+    keys = sorted(ours)
+    equal = [torch.equal(ours[k], theirs[k]) for k in keys if k in theirs]
+    return {
+        "images_cil": len(ours),
+        "images_pilot": len(theirs),
+        "same_images": sorted(ours) == sorted(theirs),
+        "bit_identical": int(sum(equal)),
+        "max_abs_diff": max(float((ours[k] - theirs[k]).abs().max()) for k in keys if k in theirs),
+        "pilot_labels_follow_order": bool(labels_equal),
+        "shape": list(next(iter(ours.values())).shape),
+        "tensors": torch.stack([ours[k] for k in keys]),
+    }
+
+
+@torch.no_grad()
+def _check_backbone(backbone: cil.Backbone, pilot_net: Any, inputs: torch.Tensor, batch: int) -> dict[str, Any]:
+    ours_state, theirs_state = backbone.model.state_dict(), pilot_net.backbone.state_dict()
+    same_state = ours_state.keys() == theirs_state.keys() and all(
+        torch.equal(ours_state[k], theirs_state[k]) for k in ours_state
+    )
+    backbone.eval()
+    pilot_net.eval()
+    ours = torch.cat([backbone(x) for x in inputs.split(batch)])
+    theirs = torch.cat([pilot_net.extract_vector(x) for x in inputs.split(batch)])
+    return {
+        "state_dict_equal": bool(same_state),
+        "images": len(inputs),
+        "feature_dim": int(ours.shape[1]),
+        "bit_identical_rows": int((ours == theirs).all(dim=1).sum()),
+        "max_abs_diff": float((ours - theirs).abs().max()),
+    }
+
+
+# ---- comparison ----------------------------------------------------------------------------------------------
+def _cil_predictions(
+    calls: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], stream: cil.Stream
+) -> list[dict[int, tuple[np.ndarray, np.ndarray]]]:
+    """``[step] -> {original test index: (label, prediction)}`` as an array pair keyed per image."""
+    steps = []
+    for call in calls:
+        step: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for preds, target, task_ids in call:
+            task = stream.tasks[int(task_ids[0])]
+            _, indices = _underlying(task.test)
+            for original, label, pred in zip(indices, target.tolist(), preds.tolist(), strict=True):
+                step[original] = (label, pred)
+        steps.append(step)
+    return steps
+
+
+def _accuracy(step: dict[int, tuple[Any, Any]]) -> float:
+    return 100.0 * float(np.mean([label == pred for label, pred in step.values()]))
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    steps = len(report["cil"]["seen_accuracy"])
+    head = "| side | " + " | ".join(f"step {i + 1}" for i in range(steps)) + " | A-bar | A_last | wall (s) | CPU (s) |"
+    rule = "|---" * (steps + 5) + "|"
+    rows = [head, rule]
+    for side in ("cil", "pilot"):
+        r = report[side]
+        cells = " | ".join(f"{v:.2f}" for v in r["seen_accuracy"])
+        rows.append(
+            f"| {side} | {cells} | {r['avg_incremental_acc']:.2f} | {r['last_acc']:.2f} | {r['wall_s']:.1f} "
+            f"| {r['cpu_s']:.1f} |"
+        )
+    dis = " | ".join(str(d) for d in report["disagreements_per_step"])
+    rows.append(f"| images that disagree | {dis} | {report['disagreements']} (total) | | | |")
+    return "\n".join(rows)
+
+
+# ---- main ----------------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pilot", type=Path, required=True, help="an unmodified LAMDA-PILOT checkout")
+    parser.add_argument("--method", choices=sorted(METHODS), default="simplecil")
+    parser.add_argument("--config", type=Path, help="cil config (default: the method's offline config)")
+    parser.add_argument("--base", type=int, default=0, help="classes in the first task (0: increment)")
+    parser.add_argument("--increment", type=int, default=5, help="classes per later task (PILOT needs >= 5 first)")
+    parser.add_argument("--seed", type=int, default=1993, help="class order and initialisation, both sides")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("runs/reference/simplecil"))
+    options = parser.parse_args(argv)
+    spec = METHODS[options.method]
+    pilot_root = options.pilot.resolve()
+    out = options.out.resolve()
+    for sub in ("cil", "pilot"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "pilot").mkdir(parents=True)
+    if (options.base or options.increment) < 5:
+        raise ValueError("PILOT's top-5 accuracy needs >= 5 classes in the first task: raise --base / --increment")
+
+    # our side, built as `cil run` builds it
+    config_path = options.config or REPO / spec.cil_config
+    config = _load_config(config_path, options.base, options.increment, options.seed, options.device)
+    stream = cil.build_stream(config["stream"], seed=options.seed)
+    backbone = cil.Backbone(**config["backbone"])
+    method = _build_method(config, backbone)
+    config["method_name"] = type(method).__name__.lower()
+    engine = cil.Engine(
+        method,
+        stream,
+        out / "cil",
+        trainer_factory=cil.make_trainer_factory(out / "cil", config["trainer"], logger="none"),
+        data=DataConfig(**config.get("data", {})),
+        seed=options.seed,
+        config=config,
+    )
+    train, _ = _underlying(stream.tasks[0].train)
+    test, _ = _underlying(stream.tasks[0].test)
+    order = [c for task in stream for c in task.metadata["original_classes"]]
+
+    # PILOT, patched at its data and backbone entry points
+    pilot = _import_pilot(pilot_root)
+    args = _pilot_args(pilot_root, spec, options.base, options.increment, options.seed, options.device, backbone.name)
+    get_idata = _make_idata(pilot, train, test, engine.train_transform, engine.eval_transform)
+    learners: list[Any] = []
+    pilot_calls: list[tuple[np.ndarray, np.ndarray]] = []
+    original_get_model = pilot["utils.factory"].get_model
+
+    def get_model(model_name: str, model_args: dict[str, Any]) -> Any:
+        learner = original_get_model(model_name, model_args)
+        eval_cnn = learner._eval_cnn
+
+        def recorded_eval_cnn(loader: Any) -> tuple[np.ndarray, np.ndarray]:
+            y_pred, y_true = eval_cnn(loader)
+            pilot_calls.append((y_pred[:, 0].copy(), y_true.copy()))
+            return y_pred, y_true
+
+        learner._eval_cnn = recorded_eval_cnn
+        learners.append(learner)
+        return learner
+
+    report: dict[str, Any] = {
+        "method": options.method,
+        "pilot_commit": _git_head(pilot_root),
+        "pilot_args": {k: v for k, v in args.items() if k != "config"},
+        "cil_config": config,
+        "stream": {"name": stream.name, "tasks": [list(t.classes) for t in stream], "order": order},
+    }
+    patches = [
+        _patched(pilot["utils.data_manager"], "_get_idata", get_idata),
+        _patched(pilot["utils.inc_net"], "get_backbone", _make_get_backbone(backbone)),
+        _patched(pilot["utils.factory"], "get_model", get_model),
+    ]
+    with contextlib.ExitStack() as stack:
+        for patch in patches:
+            stack.enter_context(patch)
+        # checks, before anything is learned
+        check_args = {**args, "device": [torch.device("cpu" if options.device == "cpu" else "cuda:0")]}
+        dm = pilot["utils.data_manager"].DataManager(
+            args["dataset"], True, options.seed, args["init_cls"], args["increment"], check_args
+        )
+        inputs = _check_inputs(dm, stream, engine.eval_transform, train, test)
+        tensors = inputs.pop("tensors")
+        network = pilot["utils.inc_net"].SimpleVitNet(check_args, True)
+        checks: dict[str, Any] = {
+            "class_order": {"cil": order, "pilot": list(dm._class_order), "equal": order == list(dm._class_order)},
+            "task_sizes": {"cil": [t.num_classes for t in stream], "pilot": list(dm._increments)},
+            "inputs": inputs,
+            "backbone": _check_backbone(
+                backbone, network, tensors, int(config.get("data", {}).get("eval_batch_size", 64))
+            ),
+        }
+        report["checks"] = checks
+        print(json.dumps(checks, indent=2), file=sys.stderr)
+        identical = (
+            checks["class_order"]["equal"]
+            and checks["task_sizes"]["cil"] == checks["task_sizes"]["pilot"]
+            and inputs["same_images"]
+            and inputs["bit_identical"] == inputs["images_cil"]
+            and inputs["pilot_labels_follow_order"]
+            and checks["backbone"]["state_dict_equal"]
+            and checks["backbone"]["bit_identical_rows"] == checks["backbone"]["images"]
+        )
+        report["checks"]["passed"] = bool(identical)
+        if not identical:
+            _write(out, report)
+            print("inputs or backbone differ: nothing was trained (see report.json)", file=sys.stderr)
+            return 1
+        del network, tensors, dm
+
+        # PILOT's own driver
+        started, cpu = time.perf_counter(), _cpu_seconds()
+        with _cwd(out / "pilot"):
+            pilot["trainer"]._train(dict(args))
+        pilot_wall, pilot_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+
+    started, cpu = time.perf_counter(), _cpu_seconds()
+    with _recording_engine() as calls:
+        summary = engine.run()
+    cil_wall, cil_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
+
+    if len(calls) != len(stream):
+        raise RuntimeError(
+            f"recorded {len(calls)} evaluations of cil for {len(stream)} tasks: cil.engine no longer scores through "
+            "cil.engine.TaskAccuracy; update _recording_engine"
+        )
+    ours = _cil_predictions(calls, stream)
+    theirs: list[dict[int, tuple[Any, Any]]] = []
+    dm_run = learners[0].data_manager
+    for step, (y_pred, y_true) in enumerate(pilot_calls):
+        seen = sum(t.num_classes for t in stream.tasks[: step + 1])
+        originals = _pilot_indices(dm_run._test_targets, list(range(seen)))
+        theirs.append({int(o): (int(t), int(p)) for o, t, p in zip(originals, y_true, y_pred, strict=True)})
+    if len(ours) != len(theirs) or any(a.keys() != b.keys() for a, b in zip(ours, theirs, strict=True)):
+        raise RuntimeError("the two sides evaluated different test images; see predictions.csv")
+    rows = []
+    for step, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        for original in sorted(a):
+            label, cil_pred = a[original]
+            pilot_label, pilot_pred = b[original]
+            rows.append(
+                {
+                    "step": step,
+                    "test_index": original,
+                    "label": label,
+                    "pilot_label": pilot_label,
+                    "cil_pred": cil_pred,
+                    "pilot_pred": pilot_pred,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "predictions.csv", index=False)
+    disagree = frame.assign(differ=frame.cil_pred != frame.pilot_pred).groupby("step")["differ"].sum()
+    pilot_seen = [_accuracy(step) for step in theirs]
+    cil_seen = [_accuracy(step) for step in ours]
+    report["cil"] = {
+        "seen_accuracy": cil_seen,
+        "avg_incremental_acc": float(np.mean(cil_seen)),
+        "last_acc": cil_seen[-1],
+        "summary_avg_incremental_acc": summary["avg_incremental_acc"],
+        "summary_last_acc": summary["last_acc"],
+        "wall_s": cil_wall,
+        "cpu_s": cil_cpu,
+    }
+    report["pilot"] = {
+        "seen_accuracy": pilot_seen,
+        "avg_incremental_acc": float(np.mean(pilot_seen)),
+        "last_acc": pilot_seen[-1],
+        "wall_s": pilot_wall,
+        "cpu_s": pilot_cpu,
+    }
+    report["labels_agree"] = bool((frame.label == frame.pilot_label).all())
+    report["disagreements_per_step"] = [int(v) for v in disagree.tolist()]
+    report["disagreements"] = int(disagree.sum())
+    report["prototypes"] = _prototype_gap(method, learners[0])
+    _write(out, report)
+    print(_markdown(report))
+    return 0 if report["disagreements"] == 0 or options.method != "simplecil" else 1
+
+
+@torch.no_grad()
+def _prototype_gap(method: cil.CILMethod, learner: Any) -> dict[str, Any]:
+    """Largest difference between the class prototypes of the two sides (SimpleCIL: both hold one per class)."""
+    head = getattr(method, "head", None)
+    prototypes = getattr(head, "prototypes", None)
+    fc = getattr(learner._network, "fc", None)
+    if prototypes is None or fc is None:
+        return {}
+    theirs = fc.weight.detach().cpu()[: len(prototypes)]
+    diff = (prototypes.cpu() - theirs).abs()
+    return {"max_abs_diff": float(diff.max()), "bit_identical_rows": int((diff == 0).all(dim=1).sum())}
+
+
+def _git_head(root: Path) -> str | None:
+    head = root / ".git"
+    if not head.exists():
+        return None
+    import subprocess
+
+    result = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return result.stdout.strip() or None
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    if "cil" in report:
+        (out / "table.md").write_text(_markdown(report) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
