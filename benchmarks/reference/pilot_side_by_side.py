@@ -2,6 +2,8 @@
 
     python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method simplecil \
         --out runs/reference/simplecil
+    python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method mos --train-per-class 20 \
+        --test-per-class 10 --epochs 2 --seed 1993 --out runs/reference/mos_seed1993
 
 PILOT (https://github.com/LAMDA-CL/LAMDA-PILOT) is imported from ``--pilot`` at run time; nothing of it is copied
 into this repository. Two of its functions are replaced, from here, for the duration of the run:
@@ -10,15 +12,25 @@ into this repository. Two of its functions are replaced, from here, for the dura
   (same train / test split, same per-class caps) with ``cil``'s own evaluation / training transforms as PILOT's
   ``test_trsf`` / ``train_trsf`` (``common_trsf`` empty). PILOT shuffles the class order itself
   (``shuffle: true``, ``np.random.seed(seed)``); the harness checks that it equals ``cil``'s.
-* ``utils.inc_net.get_backbone``: returns a deep copy of the timm model inside ``cil``'s ``Backbone`` (same
-  weights), with the ``out_dim`` attribute PILOT reads.
+* ``utils.inc_net.get_backbone`` (SimpleCIL): returns a deep copy of the timm model inside ``cil``'s ``Backbone``
+  (same weights), with the ``out_dim`` attribute PILOT reads.
+* MOS instead: PILOT's own ``get_backbone`` runs unchanged (it builds the AdaptFormer tuning config from ``args``)
+  and builds its own ``backbone/vit_mos.py`` ViT. Its factory ``vit_mos.vit_base_patch16_224_mos`` is wrapped to
+  add ``img_size`` (``--img-size``, default 32 px) and to see, as ``timm``, a shim whose ``create_model`` builds
+  timm's ``vit_base_patch16_224`` at that size and loads a ViT-B/16 initialised from ``--backbone-seed`` (saved once
+  next to ``--out``) instead of downloading ImageNet weights; the factory's own q/k/v split and ``mlp.fc`` rename
+  load them. ``cil`` gets the same file as ``Backbone(name="vit_base_patch16_224", checkpoint_path=...,
+  model_kwargs={"img_size": 32})``. ``data.eval_batch_size`` is set to 3 x ``batch_size`` (PILOT's
+  ``_compute_mean`` batch, which sets how many merge pulls the statistics pass makes).
 
 Two further wrappers only observe: ``utils.factory.get_model`` hands the Learner it builds to the harness, whose
 ``_eval_cnn`` is wrapped to keep its predictions (same return value); on our side ``cil.engine.TaskAccuracy`` is
 replaced by a subclass that keeps the predictions it scores. PILOT runs through its own ``trainer._train`` with the
 hyper-parameters of its ``exps/<method>.json``; only ``dataset``, ``init_cls``, ``increment``, ``shuffle``,
-``seed``, ``device`` and ``backbone_type`` are set by the harness. ``timm.models.layers.weight_init`` (moved in
-timm 1.x) is aliased to ``timm.layers.weight_init`` when the old path does not import.
+``seed``, ``device`` and ``backbone_type`` (not for MOS) are set by the harness, and ``tuned_epoch`` /
+``batch_size`` when ``--epochs`` / ``--batch-size`` are given (the same values go to ``cil``).
+``timm.models.layers.weight_init`` (moved in timm 1.x) is aliased to ``timm.layers.weight_init`` when the old path
+does not import.
 
 Before anything is learned the harness checks, and stops if any fails:
 
@@ -26,14 +38,18 @@ Before anything is learned the harness checks, and stops if any fails:
 2. inputs: every train and test image's tensor from PILOT's ``DummyDataset`` (``mode="test"``) equals ``cil``'s
    (``Transformed(task.train / task.test, engine.eval_transform)``), bit for bit (``torch.equal``);
 3. backbone: the state dicts are equal and PILOT's ``SimpleVitNet.extract_vector`` gives bit-identical features to
-   ``cil``'s ``Backbone`` on every one of those tensors.
+   ``cil``'s ``Backbone`` on every one of those tensors. MOS: ``cil``'s state dict, converted to vit_mos's keys,
+   equals vit_mos's (adapters and head aside); vit_mos with ``adapter_id=-1`` (no adapter) vs ``cil``'s ViT before
+   adapter injection agree to fp32 rounding (relative difference < 1e-5 per row: their attention is three
+   projections, ``bmm`` and softmax, timm's one fused projection and ``scaled_dot_product_attention``, so bit
+   identity is not expected), and ``cil``'s ViT after injection (adapters at init) is bit-identical to before.
 
 Then both sides learn the stream; the prediction on every test image after every task is compared. Outputs under
 ``--out``: ``report.json`` (checks, per-step accuracies, A-bar / A_last, wall times, disagreements),
 ``predictions.csv`` (one row per step and test image), ``table.md``, ``cil/`` (the ``cil`` run directory) and
 ``pilot/`` (PILOT's ``logs/`` tree).
 
-PILOT needs packages that ``cil`` does not: ``pip install scipy tqdm`` (and ``easydict`` for its adapter ViTs).
+PILOT needs packages that ``cil`` does not: ``pip install scipy tqdm`` (and ``pip install easydict`` for MOS).
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
+import timm
 import torch
 import yaml
 from torch import nn
@@ -74,11 +91,14 @@ class MethodSpec:
 
     pilot_json: str  # under the PILOT checkout's exps/
     cil_config: str  # under this repository's configs/
+    vit_mos: bool = False  # PILOT builds its own ViT (backbone/vit_mos.py); both sides get a seeded ViT-B/16
 
 
 METHODS = {
     "simplecil": MethodSpec("simplecil.json", "configs/experiments/simplecil_vit_offline.yaml"),
+    "mos": MethodSpec("mos.json", "configs/experiments/mos_offline.yaml", vit_mos=True),
 }
+VIT_B16 = "vit_base_patch16_224"  # the timm model PILOT's vit_mos factory loads its weights from
 
 
 # ---- our side ------------------------------------------------------------------------------------------------
@@ -160,9 +180,10 @@ def _pilot_args(
         shuffle=True,
         seed=seed,  # trainer._train takes one seed; trainer.train loops over a list
         device=[-1] if device == "cpu" else [0],
-        backbone_type=backbone_type,  # names the log file; the patched get_backbone ignores it
         config=f"exps/{spec.pilot_json}",  # what main.py would add
     )
+    if not spec.vit_mos:  # MOS keeps exps/mos.json's: its get_backbone branches on the name
+        args["backbone_type"] = backbone_type  # names the log file; the patched get_backbone ignores it
     return args
 
 
@@ -201,6 +222,66 @@ def _make_get_backbone(backbone: cil.Backbone) -> Callable[..., nn.Module]:
         return model.eval()
 
     return get_backbone
+
+
+def _seeded_vit_b16(path: Path, seed: int, img_size: int) -> Path:
+    """A ViT-B/16 (timm ``vit_base_patch16_224`` at ``img_size`` px) initialised from ``seed``, saved once: the
+    stand-in for the pre-trained weights PILOT's ``vit_mos`` factory would download (no network here)."""
+    if not path.is_file():
+        torch.manual_seed(seed)
+        model = timm.create_model(VIT_B16, pretrained=False, num_classes=0, img_size=img_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return path
+
+
+class _TimmWithLocalWeights:
+    """What ``backbone/vit_mos.py`` sees as ``timm`` while its factory runs: ``create_model(VIT_B16,
+    pretrained=True, num_classes=n)`` builds the timm model at the harness's image size (its head initialised by timm,
+    as the real call's new head is) and loads the seeded weights instead of downloading; everything else is timm."""
+
+    def __init__(self, state: dict[str, torch.Tensor], img_size: int) -> None:
+        self.state, self.img_size = state, img_size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(timm, name)
+
+    def create_model(self, name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if name != VIT_B16:
+            raise ValueError(f"the harness provides weights for {VIT_B16!r} only, vit_mos asked for {name!r}")
+        model = timm.create_model(name, pretrained=False, img_size=self.img_size, **kwargs)
+        missing, unexpected = model.load_state_dict(self.state, strict=False)
+        if unexpected or any(not key.startswith("head.") for key in missing):
+            raise ValueError(f"seeded weights do not fit {name}: missing {missing}, unexpected {unexpected}")
+        return model
+
+
+def _vit_mos_patches(vit_mos: Any, state: dict[str, torch.Tensor], img_size: int) -> list[Any]:
+    """PILOT's own ``get_backbone`` runs unchanged (it builds the tuning config from ``args``) and calls
+    ``vit_mos.vit_base_patch16_224_mos``; that factory is wrapped to add ``img_size`` and to see
+    :class:`_TimmWithLocalWeights` as ``timm``, so its own q/k/v split and ``mlp.`` rename load the weights."""
+    factory = vit_mos.vit_base_patch16_224_mos
+    shim = _TimmWithLocalWeights(state, img_size)
+
+    def vit_base_patch16_224_mos(*args: Any, **kwargs: Any) -> nn.Module:
+        kwargs.setdefault("img_size", img_size)
+        with _patched(vit_mos, "timm", shim):
+            return factory(*args, **kwargs)
+
+    return [_patched(vit_mos, "vit_base_patch16_224_mos", vit_base_patch16_224_mos)]
+
+
+def _timm_to_vit_mos_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """vit_mos's key conversion, reproduced for the check: ``qkv`` split into ``q_proj`` / ``k_proj`` / ``v_proj``
+    (rows ``[:D]``, ``[D:2D]``, ``[2D:]``), ``mlp.fc1`` / ``mlp.fc2`` -> ``fc1`` / ``fc2``."""
+    converted: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".qkv." in key:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3), strict=True):
+                converted[key.replace("qkv", name)] = part
+        else:
+            converted[key.replace("mlp.fc", "fc")] = value
+    return converted
 
 
 @contextlib.contextmanager
@@ -291,6 +372,35 @@ def _check_backbone(backbone: cil.Backbone, pilot_net: Any, inputs: torch.Tensor
     }
 
 
+@torch.no_grad()
+def _check_vit_mos_backbone(
+    plain: cil.Backbone, injected: cil.Backbone, pilot_vit: nn.Module, inputs: torch.Tensor, batch: int
+) -> dict[str, Any]:
+    """PTM weights and features: ``cil``'s ViT before adapter injection and after it (adapters at their init, ``up``
+    zero) vs PILOT's ``vit_mos.VisionTransformer`` with ``adapter_id=-1`` (no adapter)."""
+    ours_state = _timm_to_vit_mos_keys(plain.model.state_dict())
+    theirs_state = {k: v for k, v in pilot_vit.state_dict().items() if "adapter" not in k and not k.startswith("head.")}
+    same_state = ours_state.keys() == theirs_state.keys() and all(
+        torch.equal(ours_state[k], theirs_state[k]) for k in ours_state
+    )
+    for model in (plain, injected, pilot_vit):
+        model.eval()
+    ours = torch.cat([plain(x) for x in inputs.split(batch)])
+    ours_injected = torch.cat([injected(x) for x in inputs.split(batch)])
+    theirs = torch.cat([pilot_vit(x, adapter_id=-1)["features"] for x in inputs.split(batch)])
+    return {
+        "state_dict_equal": bool(same_state),
+        "tensors_compared": len(ours_state),
+        "images": len(inputs),
+        "feature_dim": int(ours.shape[1]),
+        "bit_identical_rows": int((ours == theirs).all(dim=1).sum()),
+        "max_abs_diff": float((ours - theirs).abs().max()),
+        "max_rel_diff": float(((ours - theirs).norm(dim=1) / ours.norm(dim=1)).max()),
+        "injected_vs_plain_bit_identical_rows": int((ours_injected == ours).all(dim=1).sum()),
+        "injected_vs_plain_max_abs_diff": float((ours_injected - ours).abs().max()),
+    }
+
+
 # ---- comparison ----------------------------------------------------------------------------------------------
 def _cil_predictions(
     calls: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], stream: cil.Stream
@@ -340,6 +450,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1993, help="class order and initialisation, both sides")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--out", type=Path, default=Path("runs/reference/simplecil"))
+    parser.add_argument("--train-per-class", type=int, help="stream cap (default: the config's)")
+    parser.add_argument("--test-per-class", type=int, help="stream cap (default: the config's)")
+    parser.add_argument("--epochs", type=int, help="training epochs per task, both sides (PILOT's tuned_epoch)")
+    parser.add_argument("--batch-size", type=int, help="training batch size, both sides (PILOT's batch_size)")
+    parser.add_argument("--img-size", type=int, default=32, help="MOS: the seeded ViT-B/16's input size")
+    parser.add_argument("--backbone-seed", type=int, default=0, help="MOS: seed of the ViT-B/16's random init")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="cil method init_args (YAML value)"
+    )
     options = parser.parse_args(argv)
     spec = METHODS[options.method]
     pilot_root = options.pilot.resolve()
@@ -353,8 +472,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     # our side, built as `cil run` builds it
     config_path = options.config or REPO / spec.cil_config
     config = _load_config(config_path, options.base, options.increment, options.seed, options.device)
+    init_args = config["method"].setdefault("init_args", {})
+    data = config.setdefault("data", {})
+    for key in ("train_per_class", "test_per_class"):
+        if getattr(options, key) is not None:
+            config["stream"][key] = getattr(options, key)
+    if options.epochs is not None:
+        init_args["epochs"] = options.epochs
+    if options.batch_size is not None:
+        data["batch_size"] = options.batch_size
+    for item in options.set:
+        key, _, value = item.partition("=")
+        init_args[key] = yaml.safe_load(value)
+    state: dict[str, torch.Tensor] = {}
+    if spec.vit_mos:
+        weights = _seeded_vit_b16(
+            out.parent / f"vit_b16_{options.img_size}px_seed{options.backbone_seed}.pth",
+            options.backbone_seed,
+            options.img_size,
+        )
+        config["backbone"] = {
+            "name": VIT_B16,
+            "checkpoint_path": str(weights),
+            "model_kwargs": {"img_size": options.img_size},
+        }
+        data["eval_batch_size"] = 3 * int(data["batch_size"])  # PILOT's MOS: _compute_mean's batch_size * 3
+        state = torch.load(weights, map_location="cpu", weights_only=True)
     stream = cil.build_stream(config["stream"], seed=options.seed)
     backbone = cil.Backbone(**config["backbone"])
+    plain_backbone = cil.Backbone(**config["backbone"]) if spec.vit_mos else backbone  # never injected
     method = _build_method(config, backbone)
     config["method_name"] = type(method).__name__.lower()
     engine = cil.Engine(
@@ -373,6 +519,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # PILOT, patched at its data and backbone entry points
     pilot = _import_pilot(pilot_root)
     args = _pilot_args(pilot_root, spec, options.base, options.increment, options.seed, options.device, backbone.name)
+    if options.epochs is not None:
+        args["tuned_epoch"] = options.epochs
+    if options.batch_size is not None:
+        args["batch_size"] = options.batch_size
     get_idata = _make_idata(pilot, train, test, engine.train_transform, engine.eval_transform)
     learners: list[Any] = []
     pilot_calls: list[tuple[np.ndarray, np.ndarray]] = []
@@ -400,9 +550,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     patches = [
         _patched(pilot["utils.data_manager"], "_get_idata", get_idata),
-        _patched(pilot["utils.inc_net"], "get_backbone", _make_get_backbone(backbone)),
         _patched(pilot["utils.factory"], "get_model", get_model),
     ]
+    if spec.vit_mos:
+        patches += _vit_mos_patches(importlib.import_module("backbone.vit_mos"), state, options.img_size)
+    else:
+        patches.append(_patched(pilot["utils.inc_net"], "get_backbone", _make_get_backbone(backbone)))
     with contextlib.ExitStack() as stack:
         for patch in patches:
             stack.enter_context(patch)
@@ -413,32 +566,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         inputs = _check_inputs(dm, stream, engine.eval_transform, train, test)
         tensors = inputs.pop("tensors")
-        network = pilot["utils.inc_net"].SimpleVitNet(check_args, True)
+        eval_batch = int(data.get("eval_batch_size", 64))
+        if spec.vit_mos:
+            network = pilot["utils.inc_net"].MOSNet({**check_args, "nb_classes": dm.nb_classes}, True)
+            backbone_check = _check_vit_mos_backbone(plain_backbone, backbone, network.backbone, tensors, eval_batch)
+        else:
+            network = pilot["utils.inc_net"].SimpleVitNet(check_args, True)
+            backbone_check = _check_backbone(backbone, network, tensors, eval_batch)
         checks: dict[str, Any] = {
             "class_order": {"cil": order, "pilot": list(dm._class_order), "equal": order == list(dm._class_order)},
             "task_sizes": {"cil": [t.num_classes for t in stream], "pilot": list(dm._increments)},
             "inputs": inputs,
-            "backbone": _check_backbone(
-                backbone, network, tensors, int(config.get("data", {}).get("eval_batch_size", 64))
-            ),
+            "backbone": backbone_check,
         }
         report["checks"] = checks
         print(json.dumps(checks, indent=2), file=sys.stderr)
+        bb = checks["backbone"]
+        features_ok = bb["bit_identical_rows"] == bb["images"]
+        if spec.vit_mos:  # theirs: q/k/v matmuls + softmax; timm: fused qkv + SDPA. Equal up to fp32 rounding
+            features_ok = bb["max_rel_diff"] < 1e-5 and bb["injected_vs_plain_bit_identical_rows"] == bb["images"]
         identical = (
             checks["class_order"]["equal"]
             and checks["task_sizes"]["cil"] == checks["task_sizes"]["pilot"]
             and inputs["same_images"]
             and inputs["bit_identical"] == inputs["images_cil"]
             and inputs["pilot_labels_follow_order"]
-            and checks["backbone"]["state_dict_equal"]
-            and checks["backbone"]["bit_identical_rows"] == checks["backbone"]["images"]
+            and bb["state_dict_equal"]
+            and features_ok
         )
         report["checks"]["passed"] = bool(identical)
         if not identical:
             _write(out, report)
             print("inputs or backbone differ: nothing was trained (see report.json)", file=sys.stderr)
             return 1
-        del network, tensors, dm
+        del network, tensors, dm, plain_backbone
 
         # PILOT's own driver
         started, cpu = time.perf_counter(), _cpu_seconds()
@@ -504,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["labels_agree"] = bool((frame.label == frame.pilot_label).all())
     report["disagreements_per_step"] = [int(v) for v in disagree.tolist()]
     report["disagreements"] = int(disagree.sum())
-    report["prototypes"] = _prototype_gap(method, learners[0])
+    report["prototypes"] = _prototype_gap(method, learners[0]) if not spec.vit_mos else {}
     _write(out, report)
     print(_markdown(report))
     return 0 if report["disagreements"] == 0 or options.method != "simplecil" else 1
