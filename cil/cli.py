@@ -1,10 +1,13 @@
 """The ``cil`` command line: ``cil run`` (LightningCLI-based), ``cil summarize``, ``cil table`` and ``cil plot``.
 
-``cil run --config configs/experiments/quickstart.yaml [--out DIR] [--resume] [--trainer.max_epochs 3] ...``
+``cil run --config configs/experiments/quickstart.yaml [--out DIR] [--resume true] [--trainer.max_epochs 3] ...``
 takes the trainer, backbone, method, stream and data settings from YAML and dotted overrides
 (``--print_config`` shows the resolved config). The run seed is LightningCLI's ``--seed_everything``;
 ``--seeds 1993 1994 1995`` runs the experiment once per seed into ``OUT/seed_<seed>``, skipping finished seeds and
-resuming interrupted ones.
+resuming interrupted ones. Methods are named as registered (``--method simplecil``) or by class path.
+
+This module imports neither torch nor Lightning: the analysis commands and ``--help`` answer at once, and
+``cil run`` re-executes itself with tuned malloc settings before importing them (see :mod:`cil._run`).
 """
 
 from __future__ import annotations
@@ -14,117 +17,131 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
+import textwrap
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-
-from cil.backbones import Backbone
-from cil.data import DataConfig
-from cil.engine import Engine, make_trainer_factory
-from cil.method import CILMethod, list_methods, method_class, method_registry_name
-from cil.results import accuracy_matrix, load_runs, load_summaries
-from cil.stream import build_stream
+if TYPE_CHECKING:
+    from cil._run import CILCLI
 
 __all__ = ["CILCLI", "main"]
 
 log = logging.getLogger(__name__)
 
-# glibc settings that keep freed tensor buffers in the heap instead of returning them to the kernel; measured on
-# 2 CPU cores, EfficientNet-Lite0 at 224 px went from 26 to 75 img/s (page faults were 2/3 of the CPU time).
-_MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000", "MALLOC_TOP_PAD_": "1000000000"}
 _USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError, argparse.ArgumentError)
 _SPECIFIC_PARSER_ERRORS = ("not accepted", "does not accept", "unrecognized", "required", "No action", "Not a valid")
 
+_USAGE = """\
+usage: cil {run,summarize,table,plot} ...
+  cil run --config CONFIG.yaml [--method NAME] [--out DIR] [--resume true] [--seeds 1993 1994 1995]
+  cil summarize RUN_DIR...
+  cil table RUN_DIR... [--rows method] [--cols stream] [--metrics ...] [--format markdown|latex|csv]
+  cil plot RUN_DIR... --out fig.png [--kind overview|seen|forgetting|heatmap|old_new]
 
-class CILCLI(LightningCLI):
-    """LightningCLI with ``method`` / ``backbone`` / ``stream`` / ``data`` groups instead of model + datamodule.
+`cil COMMAND --help` describes a command."""
 
-    ``run=False``: parsing and instantiation only; :func:`main` drives the engine, building a fresh Trainer per task
-    from the parsed ``trainer`` group.
-    """
-
-    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(self.trainer_class, "trainer")
-        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items()})
-        parser.add_class_arguments(Backbone, "backbone", instantiate=True)
-        parser.add_subclass_arguments(CILMethod, "method", required=True)
-        parser.link_arguments("backbone", "method.init_args.backbone", apply_on="instantiate")
-        parser.add_argument("--stream", type=dict[str, Any], required=True, help="{name: <registered stream>, ...}")
-        parser.add_class_arguments(DataConfig, "data")
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--out", type=str, default="runs/latest", help="run directory")
-        parser.add_argument("--resume", type=bool, default=False, help="continue the run in --out")
-        parser.add_argument("--logger", type=str, default="csv", help="csv | tensorboard | none")
-        parser.add_argument("--keep_checkpoints", type=int, default=0, help="keep the newest N checkpoints (0: all)")
-        parser.add_argument(
-            "--protocol",
-            type=Literal["class_incremental", "task_incremental"],
-            default="class_incremental",
-            help="class_incremental: one label space, no task id at test time; task_incremental: NEVIS's protocol",
-        )
-        parser.add_argument("--count_flops", type=bool, default=True, help="count training FLOPs per task")
-        parser.add_argument(
-            "--max_steps_per_fit",
-            type=int | None,
-            default=None,
-            help="cap every fit at N optimiser steps whatever the method asks (smoke tests, tiny runs)",
-        )
-        parser.add_argument(
-            "--retention",
-            type=dict[str, Any] | None,
-            default=None,
-            help="held-out stream for the retention probe ({name: <registered stream>, ...}), never trained",
-        )
-        parser.add_argument(
-            "--reported",
-            type=dict[str, Any] | None,
-            default=None,
-            help="the paper's numbers for this config ({source: ..., avg_incremental_acc: ...}), for cil table",
-        )
-
-    def instantiate_classes(self) -> None:
-        self.config_init = self.parser.instantiate(self.config)
-        self.model = self.config_init["method"]
+RUN_OPTIONS: tuple[tuple[str, str, Any, Any, str], ...] = (
+    # (name, metavar, type, default, help): cil run's options besides the config groups and the seeds
+    ("out", "DIR", str, "runs/latest", "run directory"),
+    ("resume", "true|false", bool, False, "continue the run in --out after its last finished task"),
+    ("logger", "csv|tensorboard|none", str, "csv", "Lightning logger of each task's fit, in OUT/logs"),
+    ("keep_checkpoints", "N", int, 0, "keep the newest N task checkpoints (0: all)"),
+    (
+        "protocol",
+        "class_incremental|task_incremental",
+        Literal["class_incremental", "task_incremental"],
+        "class_incremental",
+        "class_incremental: one label space, no task id at test time; task_incremental: NEVIS's protocol",
+    ),
+    ("count_flops", "true|false", bool, True, "count training FLOPs per task"),
+    (
+        "max_steps_per_fit",
+        "N",
+        int | None,
+        None,
+        "cap every fit at N optimiser steps whatever the method asks (smoke tests, tiny runs)",
+    ),
+    (
+        "retention",
+        "'{name: STREAM, ...}'",
+        dict[str, Any] | None,
+        None,
+        "held-out stream for the retention probe, never trained",
+    ),
+    (
+        "reported",
+        "'{source: ..., ...}'",
+        dict[str, Any] | None,
+        None,
+        "the paper's numbers for this config (avg_incremental_acc: ...), for cil table --compare-paper",
+    ),
+)
 
 
-def _resolved_config(cli: CILCLI) -> dict[str, Any]:
-    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_link_targets=False))
-
-
-def _parse(args: list[str]) -> CILCLI:
-    list_methods()  # import the built-in methods so that `class_path: methods.SimpleCIL` resolves
-    saved_argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args`; it warns when sys.argv has them too
-    try:
-        return CILCLI(
-            run=False,
-            args=args,
-            seed_everything_default=1993,
-            save_config_callback=None,
-            auto_configure_optimizers=False,
-            trainer_defaults={"max_epochs": 1, "enable_model_summary": False, "logger": False},
-            parser_kwargs={
-                "parser_mode": "omegaconf",
-                "prog": "cil run",
-                "exit_on_error": False,
-                "allow_abbrev": False,
-            },
-        )
-    finally:
-        sys.argv = saved_argv
+def _run_help() -> str:
+    """cil run's own options, printed before LightningCLI's full list (which takes a while to import)."""
+    rows = [
+        ("-c, --config CONFIG.yaml", "a config; repeat it to layer configs (later files and options win)"),
+        (
+            "--method NAME",
+            "a registered method (listed below: simplecil, mos, lae_lora, ...) or a CILMethod class path; "
+            "its arguments: --method.init_args.KEY VALUE",
+        ),
+        ("--stream '{name: NAME, ...}'", "a registered stream (listed below) and its options"),
+        (
+            "--seeds S [S ...]",
+            "run once per seed into OUT/seed_<seed>, skipping finished seeds and resuming interrupted ones",
+        ),
+        ("--seed_everything SEED", "the run seed: class order and initialisation (default: 1993)"),
+    ]
+    rows += [
+        (f"--{name} {metavar}", f"{text} (default: {json.dumps(default)})")
+        for name, metavar, _, default, text in RUN_OPTIONS
+    ]
+    rows += [
+        ("--print_config", "print the resolved config and exit"),
+        ("--GROUP.KEY VALUE", "any key of the trainer, backbone, method, stream and data groups (full list below)"),
+    ]
+    lines = [
+        "usage: cil run --config CONFIG.yaml [--config MORE.yaml ...] [--method NAME] [--out DIR] [--resume true]",
+        "               [--seeds S ...] [--GROUP.KEY VALUE ...]",
+        "",
+        "cil run: trains and evaluates one method over a stream of tasks and writes the run directory",
+        "(config.yaml, results.csv, summary.json, a checkpoint per finished task).",
+        "",
+        "cil options:",
+    ]
+    for flag, text in rows:
+        wrapped = textwrap.wrap(text, width=120 - 34)
+        first = f"  {flag:<32}" if len(flag) <= 30 else f"  {flag}\n{'':34}"
+        lines.append(first + wrapped[0])
+        lines += [f"{'':34}{line}" for line in wrapped[1:]]
+    lines += [
+        "",
+        "SIGTERM (SLURM, timeout) and Ctrl-C stop a run with exit code 143 and 130; the same command with",
+        "--resume true continues it after its last finished task, with the results of an uninterrupted run.",
+    ]
+    return "\n".join(lines)
 
 
 def run(args: list[str]) -> int:
-    seeds, args = _pop_seeds(args)
-    if not seeds:
-        return _run_one(args)
-    for seed in seeds:
-        _run_one([*args, "--seed_everything", str(seed)], sweep_seed=seed)
-    return 0
+    """``cil run``: one run, or one per seed with ``--seeds``."""
+    from cil._interrupt import interrupt_on_signals
+
+    if "-h" in args or "--help" in args:
+        print(_run_help(), flush=True)  # at once: LightningCLI's full list below needs torch and Lightning
+    with interrupt_on_signals():
+        from cil import _run
+
+        seeds, args = _pop_seeds(args)
+        if not seeds:
+            return _run.run_one(args)
+        for seed in seeds:
+            _run.run_one([*args, "--seed_everything", str(seed)], sweep_seed=seed)
+        return 0
 
 
 def _pop_seeds(args: list[str]) -> tuple[list[int], list[str]]:
@@ -158,61 +175,9 @@ def _pop_seeds(args: list[str]) -> tuple[list[int], list[str]]:
     return parsed, rest
 
 
-def _run_one(args: list[str], sweep_seed: int | None = None) -> int:
-    cli = _parse(args)
-    config = _resolved_config(cli)
-    seed = int(config["seed_everything"])
-    out = Path(cli.config["out"])
-    resume = bool(cli.config["resume"])
-    if sweep_seed is not None:  # one directory per seed; resuming skips finished seeds (after checking their config)
-        out = out / f"seed_{sweep_seed}"
-        config["out"], resume = str(out), True
-        if _complete(out):
-            log.info("seed %d: %s is complete; checking that it was run with this config", sweep_seed, out)
-    method = cli.config_init["method"]
-    config["method_name"] = method_registry_name(method) or type(method).__name__.lower()
-    stream = build_stream(config["stream"], seed=seed)
-    trainer_kwargs = dict(cli.config_init["trainer"])
-    trainer_kwargs.pop("logger", None)
-    engine = Engine(
-        method,
-        stream,
-        out,
-        trainer_factory=make_trainer_factory(
-            out, trainer_kwargs, logger=cli.config["logger"], max_steps_per_fit=cli.config["max_steps_per_fit"]
-        ),
-        data=cli.config_init["data"],
-        seed=seed,
-        config=config,
-        resume=resume,
-        keep_checkpoints=int(cli.config["keep_checkpoints"]),
-        protocol=str(cli.config["protocol"]),
-        count_flops=bool(cli.config["count_flops"]),
-        retention=build_stream(config["retention"], seed=seed) if config.get("retention") else None,
-    )
-    summary = engine.run()
-    print(f"\nAccuracy matrix R[i, j] (%), {stream.name}, {config['method_name']}:")
-    print(_format_matrix(engine))
-    print("\nSummary:")
-    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
-    print(f"\nRun directory: {out}")
-    return 0
-
-
-def _complete(out: Path) -> bool:
-    summary = out / "summary.json"
-    return summary.is_file() and json.loads(summary.read_text()).get("complete") is True
-
-
-def _format_matrix(engine: Engine) -> str:
-    import pandas as pd
-
-    names = [f"t{t.index}" for t in engine.stream]
-    frame = pd.DataFrame(accuracy_matrix(pd.DataFrame(engine.results), len(names)), index=names, columns=names)
-    return frame.to_string(float_format=lambda v: f"{v:6.2f}", na_rep="     -")
-
-
 def summarize(args: list[str]) -> int:
+    from cil.results import load_runs, load_summaries
+
     parser = argparse.ArgumentParser(prog="cil summarize", description="One row per run directory.")
     parser.add_argument("runs", nargs="+", help="run directories written by `cil run --out`")
     parser.add_argument("--format", choices=["text", "csv"], default="text")
@@ -229,6 +194,7 @@ def summarize(args: list[str]) -> int:
 def table(args: list[str]) -> int:
     import pandas as pd
 
+    from cil.results import load_summaries
     from cil.tables import METRICS, TableSpec, aggregate, render
 
     parser = argparse.ArgumentParser(
@@ -262,23 +228,18 @@ def table(args: list[str]) -> int:
 
 
 def plot(args: list[str]) -> int:
-    from cil import plots
-
-    kinds = {
-        "overview": None,
-        "seen": plots.seen_accuracy_curves,
-        "forgetting": plots.forgetting_curves,
-        "heatmap": plots.accuracy_heatmap,
-        "old_new": plots.old_new_accuracy,
-    }
+    kinds = ["overview", "seen", "forgetting", "heatmap", "old_new"]
     parser = argparse.ArgumentParser(prog="cil plot", description="Figures of one or more runs, saved to a file.")
     parser.add_argument("runs", nargs="+", help="run directories, or folders holding them")
     parser.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
-    parser.add_argument("--kind", choices=list(kinds), default="overview")
+    parser.add_argument("--kind", choices=kinds, default="overview")
     parser.add_argument("--label", default="method", help="what one line of the 'seen' curves stands for")
     parser.add_argument("--dpi", type=int, default=150)
     options = parser.parse_args(args)
     from matplotlib.figure import Figure
+
+    from cil import plots
+    from cil.results import load_runs
 
     runs = load_runs(options.runs)
     if options.label not in runs.columns:
@@ -293,21 +254,16 @@ def plot(args: list[str]) -> int:
         if options.kind == "seen":
             plots.seen_accuracy_curves(runs, label=options.label, ax=ax)
         else:
-            kinds[options.kind](runs[runs["run"] == runs["run"].iloc[0]], ax=ax)  # type: ignore[misc]
+            draw = {
+                "forgetting": plots.forgetting_curves,
+                "heatmap": plots.accuracy_heatmap,
+                "old_new": plots.old_new_accuracy,
+            }[options.kind]
+            draw(runs[runs["run"] == runs["run"].iloc[0]], ax=ax)
     Path(options.out).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(options.out, dpi=options.dpi)
     print(options.out)
     return 0
-
-
-def _reexec_with_tuned_malloc(argv: list[str]) -> None:
-    """Re-runs this process once with the glibc malloc settings above (they are read at process start)."""
-    if sys.platform != "linux" or os.environ.get("CIL_MALLOC_TUNED") or os.environ.get("CIL_NO_MALLOC_TUNING"):
-        return
-    env = {**os.environ, "CIL_MALLOC_TUNED": "1"}
-    for key, value in _MALLOC_ENV.items():
-        env.setdefault(key, value)
-    os.execve(sys.executable, [sys.executable, "-m", "cil.cli", *argv], env)
 
 
 def _one_line(error: BaseException) -> str:
@@ -323,11 +279,25 @@ def _one_line(error: BaseException) -> str:
     if isinstance(error, argparse.ArgumentError):
         specific = [line for line in lines if any(marker in line for marker in _SPECIFIC_PARSER_ERRORS)]
         if not specific and 'key "method"' in original:
-            classes = [method_class(name) for name in list_methods()]
-            known = ", ".join(f"{cls.__module__}.{cls.__name__}" for cls in classes)
-            return f"method.class_path must name a registered method class: {known}"
+            from cil.method import list_methods
+
+            return f"method.class_path must name a method: {', '.join(list_methods())}, or a CILMethod class path"
         return f"{(specific or lines or [text])[-1]} (`cil run --help` lists the options)"
     return " ".join(lines)
+
+
+def _resume_command(args: list[str]) -> str:
+    """The command line that continues an interrupted ``cil run ARGS``."""
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--resume":
+            skip = True
+        elif not arg.startswith("--resume="):
+            kept.append(arg)
+    return shlex.join(["cil", "run", *kept, "--resume", "true"])
 
 
 def _quiet_lightning() -> None:
@@ -341,29 +311,35 @@ def _quiet_lightning() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cil`` console script (``argv=None``) and of in-process calls (tests, notebooks)."""
-    from_command_line = argv is None
+    from cil._interrupt import Interrupted
+
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"run": run, "summarize": summarize, "table": table, "plot": plot}
+    if argv and argv[0] in ("-h", "--help"):
+        print(_USAGE)
+        return 0
     if not argv or argv[0] not in commands:
-        print(
-            "usage: cil {run,summarize,table,plot} ...\n"
-            "  cil run --config CONFIG.yaml [--out DIR] [--resume true] [--seeds 1993 1994 1995]\n"
-            "  cil summarize RUN_DIR...\n"
-            "  cil table RUN_DIR... [--rows method] [--cols stream] [--metrics ...] [--format markdown|latex|csv]\n"
-            "  cil plot RUN_DIR... --out fig.png [--kind overview|seen|forgetting|heatmap|old_new]",
-            file=sys.stderr,
-        )
+        print(_USAGE, file=sys.stderr)
         return 2
-    if from_command_line:
-        _reexec_with_tuned_malloc(argv)
     _quiet_lightning()
     try:
         return commands[argv[0]](argv[1:])
+    except Interrupted as stop:
+        print(f"cil run: {stop}; resume with: {_resume_command(argv[1:])}", file=sys.stderr)
+        return stop.exit_code
     except _USER_ERRORS as error:
         if os.environ.get("CIL_DEBUG"):
             raise
         print(f"cil {argv[0]}: error: {_one_line(error)}", file=sys.stderr)
         return 1
+
+
+def __getattr__(name: str) -> Any:
+    if name == "CILCLI":  # the LightningCLI subclass lives with the heavy imports
+        from cil._run import CILCLI
+
+        return CILCLI
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

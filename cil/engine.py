@@ -34,8 +34,8 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import multilabel_average_precision
 
-from cil._malloc import tune_malloc
 from cil._interrupt import Interrupted, signals_deferred
+from cil._malloc import tune_malloc
 from cil.data import DataConfig, Transformed, build_transform, make_loader
 from cil.flops import flop_counter
 from cil.method import CILMethod, method_registry_name

@@ -1,5 +1,8 @@
 """Continual-learning metrics as pure functions over the accuracy matrix, plus a per-task accuracy ``Metric``.
 
+The pure functions need only numpy; :class:`TaskAccuracy` (torchmetrics) is imported on first use, so the analysis
+commands and notebooks that read run directories do not import torch.
+
 Notation: ``R[i, j]`` is the top-1 accuracy (percent) on task ``j``'s test set after training task ``i``
 (``T x T``; entries that were not evaluated are NaN, e.g. the upper triangle in class-incremental learning,
 where the model has no logits for classes it has not seen). ``n_test[j]`` is the size of task ``j``'s test set.
@@ -25,12 +28,13 @@ fixed blocks of classes, not on tasks; with ``B0-Inc`` splits these are the same
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike, NDArray
-from torchmetrics import Metric
+
+if TYPE_CHECKING:
+    from cil._task_accuracy import TaskAccuracy
 
 __all__ = [
     "TaskAccuracy",
@@ -140,34 +144,9 @@ def old_new_accuracy(R: ArrayLike, n_test: ArrayLike | None = None) -> tuple[Flo
     return old, np.diag(matrix).copy()
 
 
-class TaskAccuracy(Metric):
-    """Top-1 accuracy per task, accumulated over batches that may mix tasks.
+def __getattr__(name: str) -> Any:
+    if name == "TaskAccuracy":  # torchmetrics and torch only for those who use it
+        from cil._task_accuracy import TaskAccuracy
 
-    ``update(logits_or_preds, target, task_ids)``; ``compute()`` returns ``{"correct": [T], "total": [T]}``
-    so that callers can derive per-task accuracy and the accuracy on any union of tasks exactly.
-    """
-
-    full_state_update = False
-    correct: torch.Tensor
-    total: torch.Tensor
-
-    def __init__(self, num_tasks: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.num_tasks = num_tasks
-        self.add_state("correct", default=torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.zeros(num_tasks, dtype=torch.long), dist_reduce_fx="sum")
-
-    def update(self, preds: torch.Tensor, target: torch.Tensor, task_ids: torch.Tensor) -> None:
-        if preds.ndim == 2:  # [B, C] logits -> [B] labels
-            preds = preds.argmax(dim=1)
-        hits = (preds == target).long()
-        self.correct += torch.bincount(task_ids, weights=hits, minlength=self.num_tasks).long()
-        self.total += torch.bincount(task_ids, minlength=self.num_tasks)
-
-    def compute(self) -> dict[str, torch.Tensor]:
-        return {"correct": self.correct, "total": self.total}
-
-    def accuracy(self) -> torch.Tensor:
-        """Per-task accuracy in percent, NaN for tasks without samples, ``[T]``."""
-        total = self.total.double()
-        return torch.where(total > 0, 100.0 * self.correct.double() / total.clamp(min=1), torch.nan)
+        return TaskAccuracy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,9 +1,11 @@
-"""The `cil` command line: every config parses and runs on the tiny stream, errors are one line, SIGKILL + resume."""
+"""The `cil` command line: every config parses and runs on the tiny stream, errors are one line, method names,
+start-up without torch, SIGKILL / SIGTERM + resume."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from cil.cli import main
 
@@ -78,7 +81,9 @@ def test_summarize_reads_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         (["--stream", "{name: sklearn_digits, order: [0, 1, 2]}"], "must be a permutation"),
         (["--stream", "{name: torchvision_split, dataset: CIFAR100, root: /nonexistent/cifar}"], "/nonexistent/cifar"),
         (["--stream", "{name: image_folder_split, train_root: /nonexistent/a, test_root: /b}"], "/nonexistent/a"),
-        (["--method.class_path", "methods.Nope"], "methods.simplecil.SimpleCIL"),
+        (["--method.class_path", "methods.Nope"], "unknown method 'methods.Nope'; the registered methods are "),
+        (["--method", "simplecl"], "unknown method 'simplecl'; did you mean 'simplecil'?"),
+        (["--method.class_path=simplecl"], "did you mean 'simplecil'?"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -93,6 +98,117 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert not out.exists()
 
 
+def test_help_exits_0_and_no_command_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0 and main(["-h"]) == 0
+    assert "cil run --config" in capsys.readouterr().out
+    assert main([]) == 2 and main(["nope"]) == 2
+
+
+def _tiny_run_dir(out: Path) -> Path:
+    """A two-task run directory written without training (results.csv, tasks.csv, summary.json, config.yaml)."""
+    from cil.results import RESULT_COLUMNS, summarize
+
+    rows = [(0, 0, 90.0), (1, 0, 70.0), (1, 1, 80.0)]
+    results = pd.DataFrame(
+        [
+            {"method": "simplecil", "stream": "tiny", "seed": 1, "protocol": "class_incremental", "train_task": i}
+            | {"eval_task": j, "metric": "top1", "accuracy": acc, "n_correct": int(acc / 10), "n_test": 10}
+            for i, j, acc in rows
+        ],
+        columns=RESULT_COLUMNS,
+    )
+    tasks = pd.DataFrame({"task": [0, 1], "fit_s": 1.0, "eval_s": 1.0, "wall_s": 2.0, "train_images": 10})
+    tasks = tasks.assign(eval_images=10, trainable_params=0, total_params=5, train_flops=None)
+    out.mkdir(parents=True)
+    results.to_csv(out / "results.csv", index=False)
+    tasks.to_csv(out / "tasks.csv", index=False)
+    (out / "summary.json").write_text(json.dumps(summarize(results, tasks, 2)))
+    (out / "config.yaml").write_text("method:\n  class_path: methods.SimpleCIL\nstream: {name: tiny}\n")
+    return out
+
+
+def test_help_and_analysis_commands_do_not_import_torch(tmp_path: Path) -> None:
+    """`cil --help`, `cil summarize`, `cil table` and `cil plot` read CSV files: torch, Lightning, timm and the
+    methods would cost them 10-30 s of imports (and twice that before the malloc re-exec moved to `cil run`)."""
+    run = _tiny_run_dir(tmp_path / "run")
+    script = f"""
+import sys
+import cil, cil.cli, cil.metrics, cil.results
+assert cil.cli.main(["--help"]) == 0
+assert cil.cli.main(["summarize", {str(run)!r}]) == 0
+assert cil.cli.main(["table", {str(run)!r}]) == 0
+assert cil.cli.main(["plot", {str(run)!r}, "--out", {str(tmp_path / "plot.png")!r}]) == 0
+assert callable(cil.load_runs) and callable(cil.metrics.avg_forgetting)
+print("heavy:", sorted(m for m in ("torch", "lightning", "timm", "torchmetrics", "methods") if m in sys.modules))
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "heavy: []"
+    assert "simplecil" in done.stdout and (tmp_path / "plot.png").is_file()
+
+
+def test_lazy_public_names_are_the_real_objects() -> None:
+    import cil
+    from cil._task_accuracy import TaskAccuracy
+    from cil.engine import Engine
+    from cil.metrics import TaskAccuracy as ReExported
+
+    assert cil.Engine is Engine and cil.TaskAccuracy is TaskAccuracy and ReExported is TaskAccuracy
+    assert set(cil.__all__) <= set(dir(cil))
+    with pytest.raises(AttributeError):
+        _ = cil.Nope
+
+
+def test_registered_method_name_runs_on_the_tiny_stream(tmp_path: Path) -> None:
+    config = str(ROOT / "configs/experiments/quickstart_finetune.yaml")
+    assert main(["run", "--config", config, "--config", TINY, "--method", "simplecil", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "simplecil" and summary["complete"]
+    assert "class_path: methods.SimpleCIL" in (tmp_path / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize(
+    ("method", "class_path"),
+    [
+        (["--method.class_path", "mos"], "methods.MOS"),
+        (["--method=lae_lora"], "methods.LAELoRA"),
+        (["--method", "rank_selective_lora"], "methods.CoDyRA"),  # an alias
+        (["--method", "{class_path: er, init_args: {buffer_size: 7}}"], "methods.ER"),
+        ("method: mos", "methods.MOS"),
+        ("method: {class_path: lae_lora, init_args: {lr: 0.5}}", "methods.LAELoRA"),
+        (["--method", "SimpleCIL"], "methods.SimpleCIL"),  # class names and class paths as before
+        (["--method", "methods.Finetune"], "methods.Finetune"),
+    ],
+)
+def test_registered_method_names_resolve_to_class_paths(
+    method: list[str] | str, class_path: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if isinstance(method, str):  # a YAML layer
+        (tmp_path / "method.yaml").write_text(method + "\n")
+        method = ["--config", str(tmp_path / "method.yaml")]
+    config = str(ROOT / "configs/experiments/quickstart.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--config", config, "--config", TINY, *method, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["method"]["class_path"] == class_path
+    if "init_args" in str(method):
+        assert set(printed["method"]["init_args"].items()) & {("buffer_size", 7), ("lr", 0.5)}
+
+
+def test_wrong_method_name_in_a_config_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "method.yaml").write_text("method: {class_path: simplecl}\n")
+    config = str(ROOT / "configs/experiments/quickstart.yaml")
+    out = tmp_path / "run"
+    code = main(["run", "--config", config, "--config", str(tmp_path / "method.yaml"), "--out", str(out)])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(error) == 1 and not out.exists()
+    assert (
+        error[0] == f"cil run: error: {tmp_path / 'method.yaml'}: unknown method 'simplecl'; did you mean 'simplecil'?"
+    )
+
+
 def _cli(*args: str) -> list[str]:
     config = str(ROOT / "configs/experiments/quickstart_finetune.yaml")
     stream = "{name: sklearn_digits, increment: 1, train_per_class: 20, test_per_class: 10}"
@@ -100,24 +216,61 @@ def _cli(*args: str) -> list[str]:
     return [*command, "--method.init_args.optimizer", "adamw", "--method.init_args.lr", "0.003", *args]
 
 
-def test_sigkill_then_resume_gives_identical_results(tmp_path: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    reference = tmp_path / "reference"
-    subprocess.run(_cli("--out", str(reference)), check=True, env=env, cwd=ROOT, capture_output=True)
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _cli("--out", str(killed)), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+
+@pytest.fixture(scope="module")
+def reference_results(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    """The results of the uninterrupted run that the interrupted ones must reproduce (run once for the module)."""
+    reference = tmp_path_factory.mktemp("reference")
+    subprocess.run(_cli("--out", str(reference)), check=True, env=ENV, cwd=ROOT, capture_output=True)
+    return pd.read_csv(reference / "results.csv")
+
+
+def _wait_for(path: Path, process: subprocess.Popen[str]) -> None:
     deadline = time.monotonic() + 240
-    while not (killed / "checkpoints" / "task_002.ckpt").exists():
-        assert process.poll() is None, "the run ended before it could be killed"
+    while not path.exists():
+        assert process.poll() is None, "the run ended before it could be stopped"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_sigkill_then_resume_gives_identical_results(tmp_path: Path, reference_results: pd.DataFrame) -> None:
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _cli("--out", str(killed)), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True
+    )
+    _wait_for(killed / "checkpoints" / "task_002.ckpt", process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     finished = pd.read_csv(killed / "results.csv")["train_task"].max()
     assert 2 <= finished < 9  # killed mid-stream, finished tasks kept
 
-    subprocess.run(_cli("--out", str(killed), "--resume", "true"), check=True, env=env, cwd=ROOT, capture_output=True)
-    pd.testing.assert_frame_equal(pd.read_csv(killed / "results.csv"), pd.read_csv(reference / "results.csv"))
+    subprocess.run(_cli("--out", str(killed), "--resume", "true"), check=True, env=ENV, cwd=ROOT, capture_output=True)
+    pd.testing.assert_frame_equal(pd.read_csv(killed / "results.csv"), reference_results)
+
+
+def test_sigterm_exits_143_with_the_resume_command(tmp_path: Path, reference_results: pd.DataFrame) -> None:
+    """SIGTERM (SLURM, `timeout`) mid-task: exit 128 + 15, the unfinished task discarded, one line saying how to
+    resume; the printed command continues the run to the results of an uninterrupted one."""
+    stopped = tmp_path / "stopped"
+    process = subprocess.Popen(
+        _cli("--out", str(stopped)), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    _wait_for(stopped / "checkpoints" / "task_002.ckpt", process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 143, stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("cil run: stopped by SIGTERM in task ") and "; resume with: cil run " in last
+    finished = int(pd.read_csv(stopped / "results.csv")["train_task"].max()) + 1
+    assert 3 <= finished < 10
+    done = [f"task_{i:03d}" for i in range(finished)]
+    assert sorted(p.stem for p in (stopped / "checkpoints").iterdir()) == done
+    assert sorted(p.name for p in (stopped / "logs").iterdir()) == done  # the unfinished task's logs are gone
+    assert not list(stopped.rglob("*.tmp"))
+
+    command = shlex.split(last.split("; resume with: ", 1)[1])
+    assert command[:2] == ["cil", "run"] and command[-4:] == ["--out", str(stopped), "--resume", "true"]
+    subprocess.run([sys.executable, "-m", "cil.cli", *command[1:]], check=True, env=ENV, cwd=ROOT, capture_output=True)
+    pd.testing.assert_frame_equal(pd.read_csv(stopped / "results.csv"), reference_results)

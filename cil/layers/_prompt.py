@@ -85,7 +85,7 @@ class PromptedBlock(PEFTModule):
 
     def forward(self, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
         if self.prompts is not None:
-            prompts = self.prompts
+            prompts: torch.Tensor = self.prompts
             if self.dropout > 0:  # not a module call on the parameter: torch's module tracker (FLOP counting) fails
                 prompts = F.dropout(prompts, self.dropout, self.training)
             prompts = prompts.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)  # [B, T, D]

@@ -1,0 +1,285 @@
+"""``cil run``: the LightningCLI parser, registered method names, and one run of the engine.
+
+Kept apart from :mod:`cil.cli` because it imports torch, Lightning and timm, which the other commands do not need.
+
+Method names: ``--method simplecil``, ``--method.class_path mos``, ``method: mos`` and
+``method: {class_path: lae_lora, init_args: ...}`` in YAML all name registered methods. The names are turned into
+class paths (``methods.SimpleCIL``, the form the configs use, so a run's config and its resume hash do not depend
+on how the method was named) before jsonargparse sees them: on the command line here, in documents by the
+parser's loader (``parser_mode="cil"``: OmegaConf's loader plus this rewrite).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import io
+import json
+import logging
+import re
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import jsonargparse
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from cil.backbones import Backbone
+from cil.cli import RUN_OPTIONS
+from cil.data import DataConfig
+from cil.engine import Engine, make_trainer_factory
+from cil.method import CILMethod, list_methods, method_class, method_registry_name
+from cil.results import accuracy_matrix
+from cil.stream import build_stream, list_streams
+
+__all__ = ["CILCLI", "method_class_path", "resolve_method", "run_one"]
+
+log = logging.getLogger(__name__)
+
+_PARSER_MODE = "cil"
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][\w.]*$")  # a registered name or a class path; anything else is jsonargparse's
+
+
+class CILCLI(LightningCLI):
+    """LightningCLI with ``method`` / ``backbone`` / ``stream`` / ``data`` groups instead of model + datamodule.
+
+    ``run=False``: parsing and instantiation only; :func:`run_one` drives the engine, building a fresh Trainer per
+    task from the parsed ``trainer`` group.
+    """
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({"trainer." + k: v for k, v in self.trainer_defaults.items()})
+        parser.add_class_arguments(Backbone, "backbone", instantiate=True)
+        parser.add_subclass_arguments(CILMethod, "method", required=True)
+        parser.link_arguments("backbone", "method.init_args.backbone", apply_on="instantiate")
+        parser.add_argument("--stream", type=dict[str, Any], required=True, help="{name: <registered stream>, ...}")
+        parser.add_class_arguments(DataConfig, "data")
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for name, _, kind, default, text in RUN_OPTIONS:
+            parser.add_argument(f"--{name}", type=kind, default=default, help=text)
+
+    def instantiate_classes(self) -> None:
+        self.config_init = self.parser.instantiate(self.config)
+        self.model = self.config_init["method"]
+
+
+# ---- method names ------------------------------------------------------------------------------------------------
+def method_class_path(cls: type) -> str:
+    """The import path that names ``cls`` in configs: ``methods.SimpleCIL`` where the class's top-level package
+    exports it, ``module.Class`` otherwise."""
+    package = cls.__module__.split(".")[0]
+    if getattr(sys.modules.get(package), cls.__name__, None) is cls:
+        return f"{package}.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def resolve_method(value: str) -> str:
+    """The class path for a registered method name; class names and importable class paths unchanged.
+
+    Raises:
+        ValueError: ``value`` names no method; the message suggests the closest registered name.
+    """
+    names = list_methods()
+    if value in names:
+        return method_class_path(method_class(value))
+    if "." not in value:
+        if value in {cls.__name__ for cls in _subclasses(CILMethod)}:  # jsonargparse resolves class names itself
+            return value
+    elif _importable(value):
+        return value
+    raise ValueError(_unknown_method(value, names))
+
+
+def _subclasses(cls: type) -> set[type]:
+    direct: set[type] = set(cls.__subclasses__())
+    return direct.union(*(_subclasses(sub) for sub in direct))
+
+
+def _importable(path: str) -> bool:
+    module, _, name = path.rpartition(".")
+    try:
+        return hasattr(importlib.import_module(module), name)
+    except (ImportError, ValueError):
+        return False
+
+
+def _unknown_method(value: str, names: list[str]) -> str:
+    by_key = {name: name for name in names}
+    for name in names:  # class names too, lower-cased: `SimpleCl` -> simplecil
+        by_key.setdefault(method_class(name).__name__.lower(), name)
+    close = difflib.get_close_matches(value.rsplit(".", 1)[-1].lower(), by_key, n=1)
+    if close:
+        return f"unknown method {value!r}; did you mean {by_key[close[0]]!r}?"
+    return f"unknown method {value!r}; the registered methods are {', '.join(names)}"
+
+
+def _resolve_method_args(args: list[str]) -> list[str]:
+    """``--method NAME`` / ``--method.class_path NAME`` (also with ``=``) with registered names as class paths, and
+    the ``method`` of every ``--config`` file checked, so that a wrong name is reported before anything runs."""
+    resolved = list(args)
+    for position, arg in enumerate(args):
+        option, equals, value = arg.partition("=")
+        if option in ("--config", "-c"):
+            path = value if equals else (args[position + 1] if position + 1 < len(args) else "")
+            _check_config_method(path)
+        if option not in ("--method", "--method.class_path"):
+            continue
+        if not equals and position + 1 < len(args):
+            value = args[position + 1]
+        if not _PLAIN_NAME.match(value) or _is_file(value):
+            continue  # a YAML dict (the loader resolves it), a config file, or something for jsonargparse to reject
+        if equals:
+            resolved[position] = f"{option}={resolve_method(value)}"
+        else:
+            resolved[position + 1] = resolve_method(value)
+    return resolved
+
+
+def _is_file(value: str) -> bool:
+    try:
+        return Path(value).is_file()
+    except OSError:  # a YAML string too long for a file name
+        return False
+
+
+def _check_config_method(path: str) -> None:
+    if not _is_file(path):
+        return  # jsonargparse reports a missing file, and reads a YAML string given instead of a path
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError:
+        return  # jsonargparse reports it
+    method = config.get("method") if isinstance(config, dict) else None
+    value = method.get("class_path") if isinstance(method, dict) else method
+    if isinstance(value, str) and _PLAIN_NAME.match(value):
+        try:
+            resolve_method(value)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
+
+
+def _with_class_paths(document: Any) -> Any:
+    """A loaded YAML document with registered method names as class paths: its ``method`` (a name, or a dict with
+    a ``class_path``), and its own ``class_path`` (the value of ``--method '{class_path: mos, ...}'``)."""
+    if not isinstance(document, dict):
+        return document
+    names = list_methods()
+    method = document.get("method")
+    if isinstance(method, str) and method in names:
+        document["method"] = resolve_method(method)
+    elif isinstance(method, dict) and method.get("class_path") in names:
+        method["class_path"] = resolve_method(method["class_path"])
+    if document.get("class_path") in names:
+        document["class_path"] = resolve_method(document["class_path"])
+    return document
+
+
+def _load(value: str) -> Any:
+    """jsonargparse's ``omegaconf`` parser mode (YAML with ``${...}`` interpolation), then :func:`_with_class_paths`."""
+    from omegaconf import OmegaConf
+
+    plain = jsonargparse.get_loader("yaml")(value)
+    if plain is None or isinstance(plain, (str, int, float, bool)):
+        return plain
+    interpolated = OmegaConf.to_object(OmegaConf.load(io.StringIO(value)))
+    document = plain if interpolated == {value: None} else interpolated
+    return _with_class_paths(document)
+
+
+# ---- parsing and running -----------------------------------------------------------------------------------------
+def _parse(args: list[str]) -> CILCLI:
+    list_methods()  # import the built-in methods so that `class_path: methods.SimpleCIL` resolves
+    args = _resolve_method_args(args)
+    jsonargparse.set_loader(_PARSER_MODE, _load, (yaml.YAMLError,))
+    if "-h" in args or "--help" in args:
+        print()
+        for kind, names in (("methods", list_methods()), ("streams", list_streams())):
+            print(
+                textwrap.fill(
+                    ", ".join(names), width=120, initial_indent=f"registered {kind}: ", subsequent_indent="  "
+                )
+            )
+        print("\nEvery option, by group (YAML keys have the same names: `trainer: {max_epochs: 3}`):\n", flush=True)
+    saved_argv, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI reads `args`; it warns when sys.argv has them too
+    try:
+        return CILCLI(
+            run=False,
+            args=args,
+            seed_everything_default=1993,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+            trainer_defaults={"max_epochs": 1, "enable_model_summary": False, "logger": False},
+            parser_kwargs={
+                "parser_mode": _PARSER_MODE,
+                "prog": "cil run",
+                "usage": "%(prog)s --config CONFIG.yaml [--GROUP.KEY VALUE ...]",
+                "description": "cil run: all options (cil's own are described above)",
+                "exit_on_error": False,
+                "allow_abbrev": False,
+            },
+        )
+    finally:
+        sys.argv = saved_argv
+
+
+def _resolved_config(cli: CILCLI) -> dict[str, Any]:
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False, skip_link_targets=False))
+
+
+def run_one(args: list[str], sweep_seed: int | None = None) -> int:
+    """Parses ``args``, runs the engine over the stream, prints the accuracy matrix and the summary."""
+    cli = _parse(args)
+    config = _resolved_config(cli)
+    seed = int(config["seed_everything"])
+    out = Path(cli.config["out"])
+    resume = bool(cli.config["resume"])
+    if sweep_seed is not None:  # one directory per seed; resuming skips finished seeds (after checking their config)
+        out = out / f"seed_{sweep_seed}"
+        config["out"], resume = str(out), True
+        if _complete(out):
+            log.info("seed %d: %s is complete; checking that it was run with this config", sweep_seed, out)
+    method = cli.config_init["method"]
+    config["method_name"] = method_registry_name(method) or type(method).__name__.lower()
+    stream = build_stream(config["stream"], seed=seed)
+    trainer_kwargs = dict(cli.config_init["trainer"])
+    trainer_kwargs.pop("logger", None)
+    engine = Engine(
+        method,
+        stream,
+        out,
+        trainer_factory=make_trainer_factory(
+            out, trainer_kwargs, logger=cli.config["logger"], max_steps_per_fit=cli.config["max_steps_per_fit"]
+        ),
+        data=cli.config_init["data"],
+        seed=seed,
+        config=config,
+        resume=resume,
+        keep_checkpoints=int(cli.config["keep_checkpoints"]),
+        protocol=str(cli.config["protocol"]),
+        count_flops=bool(cli.config["count_flops"]),
+        retention=build_stream(config["retention"], seed=seed) if config.get("retention") else None,
+    )
+    summary = engine.run()
+    print(f"\nAccuracy matrix R[i, j] (%), {stream.name}, {config['method_name']}:")
+    print(_format_matrix(engine))
+    print("\nSummary:")
+    print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
+    print(f"\nRun directory: {out}")
+    return 0
+
+
+def _complete(out: Path) -> bool:
+    summary = out / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("complete") is True
+
+
+def _format_matrix(engine: Engine) -> str:
+    import pandas as pd
+
+    names = [f"t{t.index}" for t in engine.stream]
+    frame = pd.DataFrame(accuracy_matrix(pd.DataFrame(engine.results), len(names)), index=names, columns=names)
+    return frame.to_string(float_format=lambda v: f"{v:6.2f}", na_rep="     -")
