@@ -64,7 +64,7 @@ def test_sweep_writes_one_run_per_seed(sweep: Path) -> None:
     orders = [[t["class_names"] for t in json.loads((run / "stream.json").read_text())["tasks"]] for run in runs]
     assert orders[0] != orders[1]
     heads = [torch.load(run / "checkpoints" / "task_001.ckpt", weights_only=False)["method"] for run in runs]
-    assert not torch.equal(heads[0]["head.weight"], heads[1]["head.weight"])
+    assert not torch.equal(heads[0]["weights"]["head.weight"], heads[1]["weights"]["head.weight"])
 
 
 def test_sweep_skips_finished_seeds_and_runs_new_ones(tmp_path: Path) -> None:
