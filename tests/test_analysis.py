@@ -175,6 +175,7 @@ def test_summaries_carry_the_config(sweep: Path) -> None:
     assert len(summaries) == 4 and summaries["complete"].all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notebook", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
 def test_notebook_runs_headless(notebook: Path, sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import nbclient  # dev dependencies: a missing one fails the test instead of skipping the notebooks

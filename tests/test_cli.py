@@ -235,6 +235,7 @@ def _wait_for(path: Path, process: subprocess.Popen[str]) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_results(tmp_path: Path, reference_results: pd.DataFrame) -> None:
     killed = tmp_path / "killed"
     process = subprocess.Popen(
@@ -250,6 +251,7 @@ def test_sigkill_then_resume_gives_identical_results(tmp_path: Path, reference_r
     pd.testing.assert_frame_equal(pd.read_csv(killed / "results.csv"), reference_results)
 
 
+@pytest.mark.slow
 def test_sigterm_exits_143_with_the_resume_command(tmp_path: Path, reference_results: pd.DataFrame) -> None:
     """SIGTERM (SLURM, `timeout`) mid-task: exit 128 + 15, the unfinished task discarded, one line saying how to
     resume; the printed command continues the run to the results of an uninterrupted one."""

@@ -59,6 +59,7 @@ def test_loads_strictly_and_caches(backbone: Backbone, cache: Path, monkeypatch:
     small.load_state_dict(state, strict=True, assign=True)
 
 
+@pytest.mark.slow
 def test_features_match_onnxruntime(backbone: Backbone) -> None:
     graph = onnx.load(str(source._onnx_path()))
     # the backbone's final LayerNorm ends in the Add of its bias; expose that tensor as an extra graph output
