@@ -316,6 +316,7 @@ class Engine:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
+        self._refuse_distributed()
         start = self._restore() if self.resume else self._check_fresh_out()
         if start == 0:
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
@@ -541,6 +542,16 @@ class Engine:
 
     def _checkpoints(self) -> list[Path]:
         return sorted((self.out / "checkpoints").glob("task_*.ckpt"))
+
+    def _refuse_distributed(self) -> None:
+        """One process per run until evaluation, feature extraction and writing are rank-aware: under DDP each rank
+        scores and embeds only its shard, and every rank writes the run directory, so the numbers would be wrong."""
+        probe = self.trainer_factory(0, [], {"logger": False})
+        if probe.world_size > 1:
+            raise ValueError(
+                f"this run would use {probe.world_size} processes (trainer.devices / num_nodes / strategy), but cil "
+                "gives correct numbers on one process only so far; set --trainer.devices 1 (and --trainer.num_nodes 1)"
+            )
 
     def _check_fresh_out(self) -> int:
         if (self.out / "results.csv").exists() or self._checkpoints():
