@@ -4,6 +4,8 @@
         --out runs/reference/simplecil
     python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method mos --train-per-class 20 \
         --test-per-class 10 --epochs 2 --seed 1993 --out runs/reference/mos_seed1993
+    python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method aper_adapter --train-per-class 20 \
+        --test-per-class 10 --epochs 2 --batch-size 48 --seed 1993 --out runs/reference/aper_adapter_seed1993
 
 PILOT (https://github.com/LAMDA-CL/LAMDA-PILOT) is imported from ``--pilot`` at run time; nothing of it is copied
 into this repository. Two of its functions are replaced, from here, for the duration of the run:
@@ -22,12 +24,17 @@ into this repository. Two of its functions are replaced, from here, for the dura
   load them. ``cil`` gets the same file as ``Backbone(name="vit_base_patch16_224", checkpoint_path=...,
   model_kwargs={"img_size": 32})``. ``data.eval_batch_size`` is set to 3 x ``batch_size`` (PILOT's
   ``_compute_mean`` batch, which sets how many merge pulls the statistics pass makes).
+* APER (adapter) likewise: ``vit_adapter.vit_base_patch16_224_adapter`` is wrapped the same way (the
+  ``backbone_type: pretrained_vit_b16_224_adapter`` of ``exps/aper_aperpter.json`` is kept), and ``utils.inc_net``
+  sees the same ``timm`` shim, so the plain PTM branch that its dual-branch network asks ``get_backbone`` for
+  (``pretrained_vit_b16_224`` -> ``timm.create_model``) is the seeded ViT-B/16 too. ``cil`` gets it as for MOS;
+  ``data.eval_batch_size`` = ``batch_size`` (PILOT's APER test and prototype loaders).
 
 Two further wrappers only observe: ``utils.factory.get_model`` hands the Learner it builds to the harness, whose
 ``_eval_cnn`` is wrapped to keep its predictions (same return value); on our side ``cil.engine.TaskAccuracy`` is
 replaced by a subclass that keeps the predictions it scores. PILOT runs through its own ``trainer._train`` with the
 hyper-parameters of its ``exps/<method>.json``; only ``dataset``, ``init_cls``, ``increment``, ``shuffle``,
-``seed``, ``device`` and ``backbone_type`` (not for MOS) are set by the harness, and ``tuned_epoch`` /
+``seed``, ``device`` and ``backbone_type`` (not for MOS / APER) are set by the harness, and ``tuned_epoch`` /
 ``batch_size`` when ``--epochs`` / ``--batch-size`` are given (the same values go to ``cil``).
 ``timm.models.layers.weight_init`` (moved in timm 1.x) is aliased to ``timm.layers.weight_init`` when the old path
 does not import.
@@ -38,18 +45,21 @@ Before anything is learned the harness checks, and stops if any fails:
 2. inputs: every train and test image's tensor from PILOT's ``DummyDataset`` (``mode="test"``) equals ``cil``'s
    (``Transformed(task.train / task.test, engine.eval_transform)``), bit for bit (``torch.equal``);
 3. backbone: the state dicts are equal and PILOT's ``SimpleVitNet.extract_vector`` gives bit-identical features to
-   ``cil``'s ``Backbone`` on every one of those tensors. MOS: ``cil``'s state dict, converted to vit_mos's keys,
-   equals vit_mos's (adapters and head aside); vit_mos with ``adapter_id=-1`` (no adapter) vs ``cil``'s ViT before
-   adapter injection agree to fp32 rounding (relative difference < 1e-5 per row: their attention is three
-   projections, ``bmm`` and softmax, timm's one fused projection and ``scaled_dot_product_attention``, so bit
-   identity is not expected), and ``cil``'s ViT after injection (adapters at init) is bit-identical to before.
+   ``cil``'s ``Backbone`` on every one of those tensors. MOS: ``cil``'s state dict, converted to vit_mos's keys, equals
+   vit_mos's (adapters and head aside); vit_mos with ``adapter_id=-1`` (no adapter; APER: vit_adapter with its adapters
+   at init, which add exact zeros) vs ``cil``'s ViT before adapter injection agree to fp32 rounding (relative difference
+   < 1e-5 per row: their attention is three projections, ``bmm`` and softmax, timm's one fused projection and
+   ``scaled_dot_product_attention``, so bit identity is not expected), and ``cil``'s ViT after injection (adapters at
+   init) is bit-identical to before. APER also: PILOT's plain PTM branch (timm's model) has ``cil``'s state dict and
+   bit-identical features.
 
 Then both sides learn the stream; the prediction on every test image after every task is compared. Outputs under
 ``--out``: ``report.json`` (checks, per-step accuracies, A-bar / A_last, wall times, disagreements),
 ``predictions.csv`` (one row per step and test image), ``table.md``, ``cil/`` (the ``cil`` run directory) and
 ``pilot/`` (PILOT's ``logs/`` tree).
 
-PILOT needs packages that ``cil`` does not: ``pip install scipy tqdm`` (and ``pip install easydict`` for MOS).
+PILOT needs packages that ``cil`` does not: ``pip install scipy tqdm`` (and ``pip install easydict`` for MOS and
+APER).
 """
 
 from __future__ import annotations
@@ -91,14 +101,24 @@ class MethodSpec:
 
     pilot_json: str  # under the PILOT checkout's exps/
     cil_config: str  # under this repository's configs/
-    vit_mos: bool = False  # PILOT builds its own ViT (backbone/vit_mos.py); both sides get a seeded ViT-B/16
+    pilot_vit: str = ""  # PILOT builds its own ViT with this factory (backbone/<module>.<factory>); both sides then
+    # get a seeded ViT-B/16 instead of pre-trained weights
+
+    @property
+    def seeded_vit(self) -> bool:
+        return bool(self.pilot_vit)
 
 
 METHODS = {
     "simplecil": MethodSpec("simplecil.json", "configs/experiments/simplecil_vit_offline.yaml"),
-    "mos": MethodSpec("mos.json", "configs/experiments/mos_offline.yaml", vit_mos=True),
+    "mos": MethodSpec("mos.json", "configs/experiments/mos_offline.yaml", "vit_mos.vit_base_patch16_224_mos"),
+    "aper_adapter": MethodSpec(
+        "aper_aperpter.json",  # sic: the authors' file name for APER with adapter
+        "configs/experiments/aper_adapter_offline.yaml",
+        "vit_adapter.vit_base_patch16_224_adapter",
+    ),
 }
-VIT_B16 = "vit_base_patch16_224"  # the timm model PILOT's vit_mos factory loads its weights from
+VIT_B16 = "vit_base_patch16_224"  # the timm model PILOT's vit_mos / vit_adapter factories load their weights from
 
 
 # ---- our side ------------------------------------------------------------------------------------------------
@@ -182,7 +202,7 @@ def _pilot_args(
         device=[-1] if device == "cpu" else [0],
         config=f"exps/{spec.pilot_json}",  # what main.py would add
     )
-    if not spec.vit_mos:  # MOS keeps exps/mos.json's: its get_backbone branches on the name
+    if not spec.seeded_vit:  # MOS / APER keep their json's: their get_backbone branches on the name
         args["backbone_type"] = backbone_type  # names the log file; the patched get_backbone ignores it
     return args
 
@@ -226,7 +246,8 @@ def _make_get_backbone(backbone: cil.Backbone) -> Callable[..., nn.Module]:
 
 def _seeded_vit_b16(path: Path, seed: int, img_size: int) -> Path:
     """A ViT-B/16 (timm ``vit_base_patch16_224`` at ``img_size`` px) initialised from ``seed``, saved once: the
-    stand-in for the pre-trained weights PILOT's ``vit_mos`` factory would download (no network here)."""
+    stand-in for the pre-trained weights PILOT's ``vit_mos`` / ``vit_adapter`` factories and its plain
+    ``get_backbone("pretrained_vit_b16_224")`` would download (no network here)."""
     if not path.is_file():
         torch.manual_seed(seed)
         model = timm.create_model(VIT_B16, pretrained=False, num_classes=0, img_size=img_size)
@@ -236,9 +257,10 @@ def _seeded_vit_b16(path: Path, seed: int, img_size: int) -> Path:
 
 
 class _TimmWithLocalWeights:
-    """What ``backbone/vit_mos.py`` sees as ``timm`` while its factory runs: ``create_model(VIT_B16,
-    pretrained=True, num_classes=n)`` builds the timm model at the harness's image size (its head initialised by timm,
-    as the real call's new head is) and loads the seeded weights instead of downloading; everything else is timm."""
+    """What ``backbone/vit_mos.py`` / ``vit_adapter.py`` (and, for APER, ``utils/inc_net.py``) see as ``timm``
+    while PILOT builds a backbone: ``create_model(VIT_B16, pretrained=True, num_classes=n)`` builds the timm model at
+    the harness's image size (its head initialised by timm, as the real call's new head is) and loads the seeded
+    weights instead of downloading; everything else is timm."""
 
     def __init__(self, state: dict[str, torch.Tensor], img_size: int) -> None:
         self.state, self.img_size = state, img_size
@@ -248,7 +270,7 @@ class _TimmWithLocalWeights:
 
     def create_model(self, name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         if name != VIT_B16:
-            raise ValueError(f"the harness provides weights for {VIT_B16!r} only, vit_mos asked for {name!r}")
+            raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {name!r}")
         model = timm.create_model(name, pretrained=False, img_size=self.img_size, **kwargs)
         missing, unexpected = model.load_state_dict(self.state, strict=False)
         if unexpected or any(not key.startswith("head.") for key in missing):
@@ -256,24 +278,32 @@ class _TimmWithLocalWeights:
         return model
 
 
-def _vit_mos_patches(vit_mos: Any, state: dict[str, torch.Tensor], img_size: int) -> list[Any]:
+def _pilot_vit_patches(
+    pilot_vit: str, inc_net: Any, state: dict[str, torch.Tensor], img_size: int
+) -> list[contextlib.AbstractContextManager[None]]:
     """PILOT's own ``get_backbone`` runs unchanged (it builds the tuning config from ``args``) and calls
-    ``vit_mos.vit_base_patch16_224_mos``; that factory is wrapped to add ``img_size`` and to see
-    :class:`_TimmWithLocalWeights` as ``timm``, so its own q/k/v split and ``mlp.`` rename load the weights."""
-    factory = vit_mos.vit_base_patch16_224_mos
+    ``backbone.<module>.<factory>`` (``vit_mos.vit_base_patch16_224_mos``,
+    ``vit_adapter.vit_base_patch16_224_adapter``); that factory is wrapped to add ``img_size`` and to see
+    :class:`_TimmWithLocalWeights` as ``timm``, so its own q/k/v split and ``mlp.`` rename load the weights.
+    ``utils.inc_net`` also sees the shim as ``timm``: APER's dual-branch network asks
+    ``get_backbone("pretrained_vit_b16_224")`` for the plain PTM, which is ``timm.create_model("vit_base_patch16_224",
+    pretrained=True, num_classes=0)`` there."""
+    module_name, _, factory_name = pilot_vit.partition(".")
+    module = importlib.import_module(f"backbone.{module_name}")
+    factory = getattr(module, factory_name)
     shim = _TimmWithLocalWeights(state, img_size)
 
-    def vit_base_patch16_224_mos(*args: Any, **kwargs: Any) -> nn.Module:
+    def wrapped(*args: Any, **kwargs: Any) -> nn.Module:
         kwargs.setdefault("img_size", img_size)
-        with _patched(vit_mos, "timm", shim):
+        with _patched(module, "timm", shim):
             return factory(*args, **kwargs)
 
-    return [_patched(vit_mos, "vit_base_patch16_224_mos", vit_base_patch16_224_mos)]
+    return [_patched(module, factory_name, wrapped), _patched(inc_net, "timm", shim)]
 
 
 def _timm_to_vit_mos_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """vit_mos's key conversion, reproduced for the check: ``qkv`` split into ``q_proj`` / ``k_proj`` / ``v_proj``
-    (rows ``[:D]``, ``[D:2D]``, ``[2D:]``), ``mlp.fc1`` / ``mlp.fc2`` -> ``fc1`` / ``fc2``."""
+    """vit_mos's (and vit_adapter's) key conversion, reproduced for the check: ``qkv`` split into ``q_proj`` /
+    ``k_proj`` / ``v_proj`` (rows ``[:D]``, ``[D:2D]``, ``[2D:]``), ``mlp.fc1`` / ``mlp.fc2`` -> ``fc1`` / ``fc2``."""
     converted: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         if ".qkv." in key:
@@ -353,16 +383,29 @@ def _check_inputs(
     }
 
 
+@contextlib.contextmanager
+def _eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Evaluation mode for the checks, then every submodule's own mode back: Lightning keeps the modes it finds, so a
+    check that left ``cil``'s modules in eval mode would train them without dropout (the adapters' 0.1)."""
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
 @torch.no_grad()
 def _check_backbone(backbone: cil.Backbone, pilot_net: Any, inputs: torch.Tensor, batch: int) -> dict[str, Any]:
     ours_state, theirs_state = backbone.model.state_dict(), pilot_net.backbone.state_dict()
     same_state = ours_state.keys() == theirs_state.keys() and all(
         torch.equal(ours_state[k], theirs_state[k]) for k in ours_state
     )
-    backbone.eval()
-    pilot_net.eval()
-    ours = torch.cat([backbone(x) for x in inputs.split(batch)])
-    theirs = torch.cat([pilot_net.extract_vector(x) for x in inputs.split(batch)])
+    with _eval_mode(backbone, pilot_net.backbone):
+        ours = torch.cat([backbone(x) for x in inputs.split(batch)])
+        theirs = torch.cat([pilot_net.extract_vector(x) for x in inputs.split(batch)])
     return {
         "state_dict_equal": bool(same_state),
         "images": len(inputs),
@@ -374,20 +417,28 @@ def _check_backbone(backbone: cil.Backbone, pilot_net: Any, inputs: torch.Tensor
 
 @torch.no_grad()
 def _check_vit_mos_backbone(
-    plain: cil.Backbone, injected: cil.Backbone, pilot_vit: nn.Module, inputs: torch.Tensor, batch: int
+    plain: cil.Backbone,
+    injected: cil.Backbone,
+    pilot_vit: nn.Module,
+    inputs: torch.Tensor,
+    batch: int,
+    pilot_features: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """PTM weights and features: ``cil``'s ViT before adapter injection and after it (adapters at their init, ``up``
-    zero) vs PILOT's ``vit_mos.VisionTransformer`` with ``adapter_id=-1`` (no adapter)."""
+    zero) vs PILOT's forked ViT: ``vit_mos.VisionTransformer`` with ``adapter_id=-1`` (no adapter) or, through
+    ``pilot_features``, ``vit_adapter.VisionTransformer`` with its adapters at init (``up_proj`` zero: they add
+    exact zeros)."""
     ours_state = _timm_to_vit_mos_keys(plain.model.state_dict())
-    theirs_state = {k: v for k, v in pilot_vit.state_dict().items() if "adapter" not in k and not k.startswith("head.")}
+    theirs_state = {k: v for k, v in pilot_vit.state_dict().items() if "adapt" not in k and not k.startswith("head.")}
     same_state = ours_state.keys() == theirs_state.keys() and all(
         torch.equal(ours_state[k], theirs_state[k]) for k in ours_state
     )
-    for model in (plain, injected, pilot_vit):
-        model.eval()
-    ours = torch.cat([plain(x) for x in inputs.split(batch)])
-    ours_injected = torch.cat([injected(x) for x in inputs.split(batch)])
-    theirs = torch.cat([pilot_vit(x, adapter_id=-1)["features"] for x in inputs.split(batch)])
+    if pilot_features is None:
+        pilot_features = lambda x: pilot_vit(x, adapter_id=-1)["features"]  # noqa: E731
+    with _eval_mode(plain, injected, pilot_vit):
+        ours = torch.cat([plain(x) for x in inputs.split(batch)])
+        ours_injected = torch.cat([injected(x) for x in inputs.split(batch)])
+        theirs = torch.cat([pilot_features(x) for x in inputs.split(batch)])
     return {
         "state_dict_equal": bool(same_state),
         "tensors_compared": len(ours_state),
@@ -485,7 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         key, _, value = item.partition("=")
         init_args[key] = yaml.safe_load(value)
     state: dict[str, torch.Tensor] = {}
-    if spec.vit_mos:
+    if spec.seeded_vit:
         weights = _seeded_vit_b16(
             out.parent / f"vit_b16_{options.img_size}px_seed{options.backbone_seed}.pth",
             options.backbone_seed,
@@ -496,11 +547,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checkpoint_path": str(weights),
             "model_kwargs": {"img_size": options.img_size},
         }
-        data["eval_batch_size"] = 3 * int(data["batch_size"])  # PILOT's MOS: _compute_mean's batch_size * 3
+        if options.method == "mos":
+            data["eval_batch_size"] = 3 * int(data["batch_size"])  # PILOT's MOS: _compute_mean's batch_size * 3
+        else:  # PILOT's APER: test and prototype loaders use batch_size
+            data["eval_batch_size"] = int(data["batch_size"])
         state = torch.load(weights, map_location="cpu", weights_only=True)
     stream = cil.build_stream(config["stream"], seed=options.seed)
     backbone = cil.Backbone(**config["backbone"])
-    plain_backbone = cil.Backbone(**config["backbone"]) if spec.vit_mos else backbone  # never injected
+    # never injected (APER injects into its own copy, method.adapted; MOS into the backbone it is given)
+    plain_backbone = cil.Backbone(**config["backbone"]) if options.method == "mos" else backbone
     method = _build_method(config, backbone)
     config["method_name"] = type(method).__name__.lower()
     engine = cil.Engine(
@@ -552,8 +607,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _patched(pilot["utils.data_manager"], "_get_idata", get_idata),
         _patched(pilot["utils.factory"], "get_model", get_model),
     ]
-    if spec.vit_mos:
-        patches += _vit_mos_patches(importlib.import_module("backbone.vit_mos"), state, options.img_size)
+    if spec.seeded_vit:
+        patches += _pilot_vit_patches(spec.pilot_vit, pilot["utils.inc_net"], state, options.img_size)
     else:
         patches.append(_patched(pilot["utils.inc_net"], "get_backbone", _make_get_backbone(backbone)))
     with contextlib.ExitStack() as stack:
@@ -567,9 +622,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = _check_inputs(dm, stream, engine.eval_transform, train, test)
         tensors = inputs.pop("tensors")
         eval_batch = int(data.get("eval_batch_size", 64))
-        if spec.vit_mos:
+        if options.method == "mos":
             network = pilot["utils.inc_net"].MOSNet({**check_args, "nb_classes": dm.nb_classes}, True)
             backbone_check = _check_vit_mos_backbone(plain_backbone, backbone, network.backbone, tensors, eval_batch)
+        elif options.method == "aper_adapter":
+            network = pilot["utils.inc_net"].SimpleVitNet(check_args, True)  # what its Learner builds
+            adapted = method.adapted  # type: ignore[attr-defined]
+            backbone_check = _check_vit_mos_backbone(
+                plain_backbone, adapted, network.backbone, tensors, eval_batch, network.extract_vector
+            )
+            # the plain PTM branch of its dual-branch network: timm's model, as ours, so bit for bit
+            ptm = pilot["utils.inc_net"].get_backbone({**check_args, "backbone_type": "pretrained_vit_b16_224"})
+            ptm_net = argparse.Namespace(backbone=ptm, extract_vector=ptm)
+            backbone_check["ptm_branch"] = _check_backbone(plain_backbone, ptm_net, tensors, eval_batch)
         else:
             network = pilot["utils.inc_net"].SimpleVitNet(check_args, True)
             backbone_check = _check_backbone(backbone, network, tensors, eval_batch)
@@ -583,8 +648,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(checks, indent=2), file=sys.stderr)
         bb = checks["backbone"]
         features_ok = bb["bit_identical_rows"] == bb["images"]
-        if spec.vit_mos:  # theirs: q/k/v matmuls + softmax; timm: fused qkv + SDPA. Equal up to fp32 rounding
+        if spec.seeded_vit:  # theirs: q/k/v matmuls + softmax; timm: fused qkv + SDPA. Equal up to fp32 rounding
             features_ok = bb["max_rel_diff"] < 1e-5 and bb["injected_vs_plain_bit_identical_rows"] == bb["images"]
+        if "ptm_branch" in bb:
+            ptm_check = bb["ptm_branch"]
+            features_ok &= ptm_check["state_dict_equal"] and ptm_check["bit_identical_rows"] == ptm_check["images"]
         identical = (
             checks["class_order"]["equal"]
             and checks["task_sizes"]["cil"] == checks["task_sizes"]["pilot"]
@@ -665,7 +733,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["labels_agree"] = bool((frame.label == frame.pilot_label).all())
     report["disagreements_per_step"] = [int(v) for v in disagree.tolist()]
     report["disagreements"] = int(disagree.sum())
-    report["prototypes"] = _prototype_gap(method, learners[0]) if not spec.vit_mos else {}
+    report["prototypes"] = _prototype_gap(method, learners[0]) if not spec.seeded_vit else {}
+    if options.method == "aper_adapter":
+        report["adapter_up_abs_max"] = _adapter_movement(method, learners[0])
     _write(out, report)
     print(_markdown(report))
     return 0 if report["disagreements"] == 0 or options.method != "simplecil" else 1
@@ -682,6 +752,19 @@ def _prototype_gap(method: cil.CILMethod, learner: Any) -> dict[str, Any]:
     theirs = fc.weight.detach().cpu()[: len(prototypes)]
     diff = (prototypes.cpu() - theirs).abs()
     return {"max_abs_diff": float(diff.max()), "bit_identical_rows": int((diff == 0).all(dim=1).sum())}
+
+
+@torch.no_grad()
+def _adapter_movement(method: cil.CILMethod, learner: Any) -> dict[str, float]:
+    """APER: largest |weight| of the adapters' up-projections after adaptation (0 at init on both sides), i.e. how far
+    the adapted branch has moved from the PTM."""
+    ours = [p for n, p in method.named_parameters() if n.startswith("adapted.") and n.endswith("adapter.up.weight")]
+    tuned = learner._network.backbones[-1]  # the dual-branch network's adapted ViT
+    theirs = [p for n, p in tuned.named_parameters() if n.endswith("adaptmlp.up_proj.weight")]
+    return {
+        "cil": max((float(p.abs().max()) for p in ours), default=float("nan")),
+        "pilot": max((float(p.abs().max()) for p in theirs), default=float("nan")),
+    }
 
 
 def _git_head(root: Path) -> str | None:
