@@ -60,7 +60,6 @@ Departures from the authors' code, each deliberate:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -271,7 +270,7 @@ class MOS(CILMethod):
         self._pull = _PullSchedule(
             start=self.adapter.vector(),
             mean=self.adapter_bank[: task.index].mean(dim=0),
-            block_of=_block_of_each_value(self.adapter),
+            block_of=self.adapter.block_of_values(),
             depth=len(vit_blocks(vit)),
             merge_momentum=self.merge_momentum,
         )
@@ -427,14 +426,3 @@ class _PullSchedule:
     def final(self) -> torch.Tensor:
         """The running adapter after the pass ``[P]``: every block pulled ``depth`` times per forward."""
         return self.mean + (self.start - self.mean) * self.keep ** (self.depth * self.forwards)
-
-
-def _block_of_each_value(adapter: FlatPEFT) -> torch.Tensor:
-    """The ViT block index of every value of the flattened adapter ``[P]``."""
-    indices = []
-    for name, param in zip(adapter.names, adapter.parameters(), strict=True):
-        found = re.search(r"(?:^|\.)blocks\.(\d+)\.", name)
-        if found is None:
-            raise ValueError(f"MOS's adapter parameter {name!r} is not inside a ViT block")
-        indices.append(torch.full((param.numel(),), int(found.group(1)), dtype=torch.long))
-    return torch.cat(indices)

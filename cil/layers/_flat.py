@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from cil.layers._base import PEFTModule
+from cil.layers._base import PEFTModule, vit_blocks
 
 
 class FlatPEFT:
@@ -29,6 +29,18 @@ class FlatPEFT:
     def parameters(self) -> list[nn.Parameter]:
         params = dict(self.model.named_parameters())
         return [params[name] for name in self.names]
+
+    def block_of_values(self) -> torch.Tensor:
+        """The index of the ViT block that holds each value of the vector ``[P]`` (MOS pulls adapters block by
+        block); raises if a PEFT parameter lies outside the blocks (SSF after the patch embedding, say)."""
+        blocks = vit_blocks(getattr(self.model, "model", self.model))
+        owner = {id(p): index for index, block in enumerate(blocks) for p in block.parameters()}
+        indices = []
+        for name, param in zip(self.names, self.parameters(), strict=True):
+            if id(param) not in owner:
+                raise ValueError(f"PEFT parameter {name!r} is not inside a ViT block")
+            indices.append(torch.full((param.numel(),), owner[id(param)], dtype=torch.long))
+        return torch.cat(indices)
 
     def numel(self) -> int:
         return sum(p.numel() for p in self.parameters())
