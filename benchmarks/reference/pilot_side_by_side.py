@@ -77,7 +77,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
@@ -101,12 +101,16 @@ class MethodSpec:
 
     pilot_json: str  # under the PILOT checkout's exps/
     cil_config: str  # under this repository's configs/
-    pilot_vit: str = ""  # PILOT builds its own ViT with this factory (backbone/<module>.<factory>); both sides then
-    # get a seeded ViT-B/16 instead of pre-trained weights
+    pilot_backbone: str = ""  # how PILOT builds its own ViT (a key of PILOT_BACKBONES); both sides then get a seeded
+    # ViT-B/16 instead of pre-trained weights. Empty: PILOT is handed a copy of cil's backbone (SimpleCIL)
 
     @property
     def seeded_vit(self) -> bool:
-        return bool(self.pilot_vit)
+        return bool(self.pilot_backbone)
+
+    @property
+    def aper(self) -> bool:
+        return self.pilot_json.startswith("aper_")
 
 
 METHODS = {
@@ -117,6 +121,10 @@ METHODS = {
         "configs/experiments/aper_adapter_offline.yaml",
         "vit_adapter.vit_base_patch16_224_adapter",
     ),
+    "aper_ssf": MethodSpec("aper_ssf.json", "configs/experiments/aper_ssf_offline.yaml", "vit_ssf"),
+    "aper_vpt_deep": MethodSpec("aper_vpt_deep.json", "configs/experiments/aper_vpt_deep_offline.yaml", "vpt"),
+    "aper_vpt_shallow": MethodSpec("aper_vpt_shallow.json", "configs/experiments/aper_vpt_shallow_offline.yaml", "vpt"),
+    "aper_finetune": MethodSpec("aper_finetune.json", "configs/experiments/aper_finetune_offline.yaml", "timm"),
 }
 VIT_B16 = "vit_base_patch16_224"  # the timm model PILOT's vit_mos / vit_adapter factories load their weights from
 
@@ -175,16 +183,39 @@ def _underlying(dataset: Any) -> tuple[ArrayDataset, list[int]]:
     return dataset.dataset, dataset.indices
 
 
+def _aper_hyperparameters(pilot_json: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``cil``'s APER ``init_args`` and ``data`` for the values of one of PILOT's ``exps/aper_*.json``. What PILOT
+    fixes in code rather than in the json is ``cil``'s default already: SGD momentum 0.9, AdaptFormer scale 0.1 and
+    dropout 0.1, VPT prompts at zero, SSF init std 0.02."""
+    if pilot_json["optimizer"] != "sgd" or float(pilot_json["min_lr"]) != 0:
+        raise ValueError(
+            f"APER in cil anneals SGD to 0; this json asks {pilot_json['optimizer']} to {pilot_json['min_lr']}"
+        )
+    init_args: dict[str, Any] = {
+        "epochs": int(pilot_json["tuned_epoch"]),
+        "lr": float(pilot_json["init_lr"]),
+        "weight_decay": float(pilot_json["weight_decay"]),
+        "momentum": 0.9,
+    }
+    model = pilot_json["model_name"]
+    if model == "aper_adapter":
+        init_args["peft_options"] = {"bottleneck": int(pilot_json["ffn_num"])}
+    elif model == "aper_vpt":
+        init_args["peft_options"] = {"num_tokens": int(pilot_json["prompt_token_num"])}
+    return init_args, {"batch_size": int(pilot_json["batch_size"])}
+
+
 # ---- PILOT ---------------------------------------------------------------------------------------------------
 def _import_pilot(root: Path) -> dict[str, Any]:
     """PILOT's modules, imported from its checkout (its modules import each other from its root)."""
     if not (root / "trainer.py").is_file() or not (root / "utils" / "data_manager.py").is_file():
         raise FileNotFoundError(f"{root} is not a LAMDA-PILOT checkout (no trainer.py / utils/data_manager.py)")
     sys.path.insert(0, str(root))
-    try:
-        importlib.import_module("timm.models.layers.weight_init")
-    except ModuleNotFoundError:  # timm >= 1.0 moved it; PILOT's backbone/linears.py still imports the old path
-        sys.modules["timm.models.layers.weight_init"] = importlib.import_module("timm.layers.weight_init")
+    for name in ("weight_init", "helpers"):  # timm >= 1.0 moved them; PILOT's linears.py / vit_ssf.py use the old paths
+        try:
+            importlib.import_module(f"timm.models.layers.{name}")
+        except ModuleNotFoundError:
+            sys.modules[f"timm.models.layers.{name}"] = importlib.import_module(f"timm.layers.{name}")
     names = ["utils.data", "utils.data_manager", "utils.inc_net", "utils.factory", "trainer"]
     return {name: importlib.import_module(name) for name in names}
 
@@ -269,6 +300,8 @@ class _TimmWithLocalWeights:
         return getattr(timm, name)
 
     def create_model(self, name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if name == f"{VIT_B16}_ssf":  # registered by PILOT's vit_ssf, whose weight loading the harness replaces
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
         if name != VIT_B16:
             raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {name!r}")
         model = timm.create_model(name, pretrained=False, img_size=self.img_size, **kwargs)
@@ -278,27 +311,70 @@ class _TimmWithLocalWeights:
         return model
 
 
+def _load_seeded(model: nn.Module, state: dict[str, torch.Tensor], own: tuple[str, ...]) -> nn.Module:
+    """Load the seeded PTM weights into one of PILOT's ViTs; only its own parameters (``own`` prefixes / infixes,
+    e.g. SSF's) and the head may stay as that ViT initialised them."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    stray = [key for key in missing if not key.startswith("head.") and not any(part in key for part in own)]
+    if unexpected or stray:
+        raise ValueError(f"seeded weights do not fit {type(model).__name__}: missing {stray}, unexpected {unexpected}")
+    return model
+
+
 def _pilot_vit_patches(
-    pilot_vit: str, inc_net: Any, state: dict[str, torch.Tensor], img_size: int
+    pilot_backbone: str, inc_net: Any, state: dict[str, torch.Tensor], img_size: int
 ) -> list[contextlib.AbstractContextManager[None]]:
-    """PILOT's own ``get_backbone`` runs unchanged (it builds the tuning config from ``args``) and calls
-    ``backbone.<module>.<factory>`` (``vit_mos.vit_base_patch16_224_mos``,
-    ``vit_adapter.vit_base_patch16_224_adapter``); that factory is wrapped to add ``img_size`` and to see
-    :class:`_TimmWithLocalWeights` as ``timm``, so its own q/k/v split and ``mlp.`` rename load the weights.
-    ``utils.inc_net`` also sees the shim as ``timm``: APER's dual-branch network asks
+    """PILOT's own ``get_backbone`` runs unchanged (it builds the tuning config from ``args``); what it calls to
+    build a ViT is redirected to the seeded weights at the harness's image size, at the narrowest point:
+
+    * ``<module>.<factory>`` (``vit_mos.vit_base_patch16_224_mos``, ``vit_adapter.vit_base_patch16_224_adapter``):
+      the factory is wrapped to add ``img_size`` and to see :class:`_TimmWithLocalWeights` as ``timm``, so its own
+      q/k/v split and ``mlp.`` rename load the weights;
+    * ``vit_ssf``: ``timm.create_model("vit_base_patch16_224_ssf")`` runs PILOT's factory, whose
+      ``_create_vision_transformer`` does not run on timm 1.x (it indexes the ``PretrainedCfg`` dataclass); it is
+      replaced by what it does minus the download: ``vit_ssf.VisionTransformer(img_size=..., **kwargs)`` (SSF
+      parameters initialised by PILOT's ``init_ssf_scale_shift``), then the seeded weights (same key names);
+    * ``vpt``: ``backbone.vpt.build_promptmodel`` runs unchanged; it sees the shim as ``timm`` and a ``VPT_ViT``
+      built at ``img_size`` (it constructs one at 224 px);
+    * ``timm``: nothing beyond the shim (APER with fine-tuning: PILOT tunes timm's own ViT).
+
+    ``utils.inc_net`` always sees the shim as ``timm``: APER's dual-branch network asks
     ``get_backbone("pretrained_vit_b16_224")`` for the plain PTM, which is ``timm.create_model("vit_base_patch16_224",
     pretrained=True, num_classes=0)`` there."""
-    module_name, _, factory_name = pilot_vit.partition(".")
+    shim = _TimmWithLocalWeights(state, img_size)
+    patches: list[contextlib.AbstractContextManager[None]] = [_patched(inc_net, "timm", shim)]
+    if pilot_backbone == "vit_ssf":
+        module = importlib.import_module("backbone.vit_ssf")
+
+        def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+            if variant != VIT_B16:
+                raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {variant!r}")
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm 1.x registry arguments
+                kwargs.pop(key, None)
+            return _load_seeded(module.VisionTransformer(img_size=img_size, **kwargs), state, ("ssf_",))
+
+        return [*patches, _patched(module, "_create_vision_transformer", create)]
+    if pilot_backbone == "vpt":
+        module = importlib.import_module("backbone.vpt")
+        vpt_vit = module.VPT_ViT
+
+        def vpt_at_size(*args: Any, **kwargs: Any) -> nn.Module:
+            kwargs.setdefault("img_size", img_size)
+            return vpt_vit(*args, **kwargs)
+
+        return [*patches, _patched(module, "timm", shim), _patched(module, "VPT_ViT", vpt_at_size)]
+    if pilot_backbone == "timm":
+        return patches
+    module_name, _, factory_name = pilot_backbone.partition(".")
     module = importlib.import_module(f"backbone.{module_name}")
     factory = getattr(module, factory_name)
-    shim = _TimmWithLocalWeights(state, img_size)
 
     def wrapped(*args: Any, **kwargs: Any) -> nn.Module:
         kwargs.setdefault("img_size", img_size)
         with _patched(module, "timm", shim):
             return factory(*args, **kwargs)
 
-    return [_patched(module, factory_name, wrapped), _patched(inc_net, "timm", shim)]
+    return [*patches, _patched(module, factory_name, wrapped)]
 
 
 def _timm_to_vit_mos_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -452,6 +528,86 @@ def _check_vit_mos_backbone(
     }
 
 
+def _ssf_key(theirs: str) -> str:
+    """Where a parameter of PILOT's ``vit_ssf`` ViT lives in ``cil``'s SSF injection (``cil/layers/_ssf.py``):
+    ``ssf_{scale,shift}_1`` / ``_2`` follow the first / second operation of the module that owns them."""
+    owner, _, name = theirs.rpartition(".") if "." in theirs else ("", "", theirs)
+    kind, index = name.removeprefix("ssf_").split("_")  # "scale", "1"
+    first = index == "1"
+    if owner == "patch_embed":
+        target = "patch_embed.proj" if first else "patch_embed.norm"
+    elif owner == "":
+        target = "norm"  # after the final norm
+    elif owner.endswith(".attn"):
+        target = f"{owner}.{'qkv' if first else 'proj'}"
+    elif owner.endswith(".mlp"):
+        target = f"{owner}.{'fc1' if first else 'fc2'}"
+    else:  # a block
+        target = f"{owner}.{'norm1' if first else 'norm2'}"
+    return f"model.{target}.{kind}"
+
+
+@torch.no_grad()
+def _transplant(adapted: cil.Backbone, pilot_vit: nn.Module) -> tuple[cil.Backbone, dict[str, int]]:
+    """A copy of ``cil``'s tuned branch holding PILOT's initial PEFT values (SSF's random scales and shifts; VPT's
+    prompts, zero on both sides), so that the two tuned ViTs can be compared as functions before training."""
+    ours = copy.deepcopy(adapted)
+    own = dict(ours.named_parameters())
+    theirs = {k: v for k, v in pilot_vit.named_parameters() if "ssf_" in k or k == "Prompt_Tokens"}
+    copied = 0
+    for key, value in theirs.items():
+        if key == "Prompt_Tokens":  # [depth or 1, T, D] -> blocks.i.prompts [T, D]
+            for i, prompts in enumerate(value):
+                own[f"model.blocks.{i}.prompts"].copy_(prompts)
+                copied += 1
+        else:
+            own[_ssf_key(key)].copy_(value)
+            copied += 1
+    ours_peft = sum(1 for k, p in own.items() if p.requires_grad)
+    theirs_count = sum(len(v) if k == "Prompt_Tokens" else 1 for k, v in theirs.items())
+    return ours, {"theirs": theirs_count, "ours": ours_peft, "copied": copied}
+
+
+@torch.no_grad()
+def _check_tuned_branch(
+    plain: cil.Backbone,
+    adapted: cil.Backbone,
+    pilot_vit: nn.Module,
+    pilot_features: Callable[[torch.Tensor], torch.Tensor],
+    inputs: torch.Tensor,
+    batch: int,
+) -> dict[str, Any]:
+    """APER's tuned branch before training (SSF, VPT, fine-tuning): PTM weights equal, and, with PILOT's initial PEFT
+    values transplanted into a copy of ours, the same features up to fp32 rounding (SSF's fork computes attention
+    with its own matmuls; VPT's and fine-tuning's ViTs are timm's)."""
+    ours_state = plain.model.state_dict()
+    theirs_state = {
+        k: v
+        for k, v in pilot_vit.state_dict().items()
+        if "ssf_" not in k and k != "Prompt_Tokens" and not k.startswith("head.")
+    }
+    same_state = ours_state.keys() == theirs_state.keys() and all(
+        torch.equal(ours_state[k], theirs_state[k]) for k in ours_state
+    )
+    trainable = any("ssf_" in k or k == "Prompt_Tokens" for k, _ in pilot_vit.named_parameters())
+    ours_model, counts = _transplant(adapted, pilot_vit) if trainable else (adapted, {})
+    with _eval_mode(ours_model, pilot_vit):
+        ours = torch.cat([ours_model(x) for x in inputs.split(batch)])
+        theirs = torch.cat([pilot_features(x) for x in inputs.split(batch)])
+    report: dict[str, Any] = {
+        "state_dict_equal": bool(same_state),
+        "tensors_compared": len(ours_state),
+        "images": len(inputs),
+        "feature_dim": int(ours.shape[1]),
+        "bit_identical_rows": int((ours == theirs).all(dim=1).sum()),
+        "max_abs_diff": float((ours - theirs).abs().max()),
+        "max_rel_diff": float(((ours - theirs).norm(dim=1) / ours.norm(dim=1)).max()),
+    }
+    if counts:
+        report["transplanted"] = counts
+    return report
+
+
 # ---- comparison ----------------------------------------------------------------------------------------------
 def _cil_predictions(
     calls: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], stream: cil.Stream
@@ -505,8 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-per-class", type=int, help="stream cap (default: the config's)")
     parser.add_argument("--epochs", type=int, help="training epochs per task, both sides (PILOT's tuned_epoch)")
     parser.add_argument("--batch-size", type=int, help="training batch size, both sides (PILOT's batch_size)")
-    parser.add_argument("--img-size", type=int, default=32, help="MOS: the seeded ViT-B/16's input size")
-    parser.add_argument("--backbone-seed", type=int, default=0, help="MOS: seed of the ViT-B/16's random init")
+    parser.add_argument("--lr", type=float, help="APER: adaptation learning rate, both sides (PILOT's init_lr)")
+    parser.add_argument("--img-size", type=int, default=32, help="MOS / APER: the seeded ViT-B/16's input size")
+    parser.add_argument("--backbone-seed", type=int, default=0, help="MOS / APER: seed of the ViT-B/16's random init")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="cil method init_args (YAML value)"
     )
@@ -528,8 +685,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key in ("train_per_class", "test_per_class"):
         if getattr(options, key) is not None:
             config["stream"][key] = getattr(options, key)
+    if spec.aper:  # every value the authors' json sets, on our side too (then the command line's, on both)
+        aper_args, aper_data = _aper_hyperparameters(json.loads((pilot_root / "exps" / spec.pilot_json).read_text()))
+        init_args.update(aper_args)
+        data.update(aper_data)
     if options.epochs is not None:
         init_args["epochs"] = options.epochs
+    if options.lr is not None:
+        init_args["lr"] = options.lr
     if options.batch_size is not None:
         data["batch_size"] = options.batch_size
     for item in options.set:
@@ -578,8 +741,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         args["tuned_epoch"] = options.epochs
     if options.batch_size is not None:
         args["batch_size"] = options.batch_size
+    if options.lr is not None:
+        args["init_lr"] = options.lr
+    if spec.pilot_backbone == "vpt" and args["vpt_type"] not in options.method:
+        raise ValueError(f"{spec.pilot_json} sets vpt_type {args['vpt_type']!r}, not what {options.method} adapts")
     get_idata = _make_idata(pilot, train, test, engine.train_transform, engine.eval_transform)
     learners: list[Any] = []
+    tuned_inits: dict[str, nn.Module] = {}
     pilot_calls: list[tuple[np.ndarray, np.ndarray]] = []
     original_get_model = pilot["utils.factory"].get_model
 
@@ -594,6 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         learner._eval_cnn = recorded_eval_cnn
         learners.append(learner)
+        if spec.aper:  # the branch it will tune, before training
+            tuned_inits["pilot"] = copy.deepcopy(learner._network.backbone)
         return learner
 
     report: dict[str, Any] = {
@@ -603,12 +773,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cil_config": config,
         "stream": {"name": stream.name, "tasks": [list(t.classes) for t in stream], "order": order},
     }
-    patches = [
+    patches: list[contextlib.AbstractContextManager[None]] = [
         _patched(pilot["utils.data_manager"], "_get_idata", get_idata),
         _patched(pilot["utils.factory"], "get_model", get_model),
     ]
     if spec.seeded_vit:
-        patches += _pilot_vit_patches(spec.pilot_vit, pilot["utils.inc_net"], state, options.img_size)
+        patches += _pilot_vit_patches(spec.pilot_backbone, pilot["utils.inc_net"], state, options.img_size)
     else:
         patches.append(_patched(pilot["utils.inc_net"], "get_backbone", _make_get_backbone(backbone)))
     with contextlib.ExitStack() as stack:
@@ -625,12 +795,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.method == "mos":
             network = pilot["utils.inc_net"].MOSNet({**check_args, "nb_classes": dm.nb_classes}, True)
             backbone_check = _check_vit_mos_backbone(plain_backbone, backbone, network.backbone, tensors, eval_batch)
-        elif options.method == "aper_adapter":
-            network = pilot["utils.inc_net"].SimpleVitNet(check_args, True)  # what its Learner builds
-            adapted = method.adapted  # type: ignore[attr-defined]
-            backbone_check = _check_vit_mos_backbone(
-                plain_backbone, adapted, network.backbone, tensors, eval_batch, network.extract_vector
-            )
+        elif spec.aper:
+            network = pilot["utils.inc_net"].SimpleVitNet(check_args, True)  # what its Learner builds and tunes
+            adapted = cast(cil.Backbone, method.adapted)
+            if options.method == "aper_adapter":
+                backbone_check = _check_vit_mos_backbone(
+                    plain_backbone, adapted, network.backbone, tensors, eval_batch, network.extract_vector
+                )
+            else:
+                backbone_check = _check_tuned_branch(
+                    plain_backbone, adapted, network.backbone, network.extract_vector, tensors, eval_batch
+                )
             # the plain PTM branch of its dual-branch network: timm's model, as ours, so bit for bit
             ptm = pilot["utils.inc_net"].get_backbone({**check_args, "backbone_type": "pretrained_vit_b16_224"})
             ptm_net = argparse.Namespace(backbone=ptm, extract_vector=ptm)
@@ -649,7 +824,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         bb = checks["backbone"]
         features_ok = bb["bit_identical_rows"] == bb["images"]
         if spec.seeded_vit:  # theirs: q/k/v matmuls + softmax; timm: fused qkv + SDPA. Equal up to fp32 rounding
-            features_ok = bb["max_rel_diff"] < 1e-5 and bb["injected_vs_plain_bit_identical_rows"] == bb["images"]
+            features_ok = bb["max_rel_diff"] < 1e-5
+            if "injected_vs_plain_bit_identical_rows" in bb:  # adapters at init (up = 0) add exact zeros
+                features_ok &= bb["injected_vs_plain_bit_identical_rows"] == bb["images"]
+            if "transplanted" in bb:  # every PEFT parameter of theirs found its place in ours, and no other
+                features_ok &= (
+                    bb["transplanted"]["theirs"] == bb["transplanted"]["ours"] == bb["transplanted"]["copied"]
+                )
         if "ptm_branch" in bb:
             ptm_check = bb["ptm_branch"]
             features_ok &= ptm_check["state_dict_equal"] and ptm_check["bit_identical_rows"] == ptm_check["images"]
@@ -667,6 +848,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             _write(out, report)
             print("inputs or backbone differ: nothing was trained (see report.json)", file=sys.stderr)
             return 1
+        test_tensors = tensors[
+            : sum(len(_underlying(t.test)[1]) for t in stream)
+        ]  # sorted keys: every ('test', i) first
         del network, tensors, dm, plain_backbone
 
         # PILOT's own driver
@@ -676,6 +860,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pilot_wall, pilot_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
 
     started, cpu = time.perf_counter(), _cpu_seconds()
+    if spec.aper:
+        tuned_inits["cil"] = copy.deepcopy(cast(nn.Module, method.adapted))
     with _recording_engine() as calls:
         summary = engine.run()
     cil_wall, cil_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
@@ -734,6 +920,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["disagreements_per_step"] = [int(v) for v in disagree.tolist()]
     report["disagreements"] = int(disagree.sum())
     report["prototypes"] = _prototype_gap(method, learners[0]) if not spec.seeded_vit else {}
+    if spec.aper:
+        report["tuned_branch"] = _tuned_movement(method, learners[0], tuned_inits, test_tensors, eval_batch)
     if options.method == "aper_adapter":
         report["adapter_up_abs_max"] = _adapter_movement(method, learners[0])
     _write(out, report)
@@ -765,6 +953,36 @@ def _adapter_movement(method: cil.CILMethod, learner: Any) -> dict[str, float]:
         "cil": max((float(p.abs().max()) for p in ours), default=float("nan")),
         "pilot": max((float(p.abs().max()) for p in theirs), default=float("nan")),
     }
+
+
+@torch.no_grad()
+def _tuned_movement(
+    method: cil.CILMethod, learner: Any, inits: dict[str, nn.Module], inputs: torch.Tensor, batch: int
+) -> dict[str, Any]:
+    """APER: how far first-task tuning moved the tuned branch, the same measures on both sides: the mean and the
+    smallest cosine similarity, over the test images, between the tuned branch's embedding and (``vs_init``) its own
+    before training, and (``vs_ptm``) the PTM's (1: not at all). SSF starts away from the PTM (random scales and
+    shifts), the others at it."""
+
+    def cosines(a: nn.Module, b: nn.Module) -> dict[str, float]:
+        device = next(a.parameters()).device
+        values = torch.cat(
+            [
+                torch.nn.functional.cosine_similarity(a(x.to(device)), b(x.to(device)), dim=-1).cpu()
+                for x in inputs.split(batch)
+            ]
+        )
+        return {"mean_cosine": float(values.mean()), "min_cosine": float(values.min())}
+
+    sides = {
+        "cil": (method.backbone, cast(nn.Module, method.adapted), inits["cil"]),
+        "pilot": (learner._network.backbones[0], learner._network.backbones[-1], inits["pilot"]),
+    }
+    report: dict[str, Any] = {}
+    for side, (ptm, tuned, init) in sides.items():
+        with _eval_mode(ptm, tuned, init):
+            report[side] = {"vs_init": cosines(init, tuned), "vs_ptm": cosines(ptm, tuned)}
+    return report
 
 
 def _git_head(root: Path) -> str | None:
