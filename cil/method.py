@@ -254,10 +254,15 @@ class CILMethod(L.LightningModule):
         weight_decay: float,
         min_lr: float = 0.0,
         head_lr: float | None = None,
+        interval: str = "step",
     ) -> dict[str, Any]:
-        """SGD (the papers' choice) or AdamW over the trainable parameters, with a per-step cosine schedule
-        spanning the whole fit. ``head_lr`` gives the head its own learning rate (a pre-trained ViT whose features
-        share a large mean needs a far faster head than backbone to learn in a few steps)."""
+        """SGD (the papers' choice) or AdamW over the trainable parameters, with a cosine schedule spanning the whole
+        fit, stepped after every batch (``interval="step"``) or, as most authors' code does
+        (``CosineAnnealingLR(T_max=epochs)``), after every epoch (``"epoch"``). ``head_lr`` gives the head its own
+        learning rate (a pre-trained ViT whose features share a large mean needs a far faster head than backbone to
+        learn in a few steps)."""
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"the cosine schedule steps per 'step' or per 'epoch', got {interval!r}")
         params: Any = self.trainable_parameters()
         if head_lr is not None:
             head = {id(p) for p in self.head.parameters()}
@@ -272,6 +277,9 @@ class CILMethod(L.LightningModule):
             optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         else:
             raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}")
-        steps = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps, eta_min=min_lr)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        if interval == "step":
+            periods = int(self.trainer.estimated_stepping_batches)
+        else:
+            periods = int(self.trainer.max_epochs or 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, periods), eta_min=min_lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}

@@ -14,7 +14,8 @@ Defaults follow the authors' released code and configs (LAMDA-PILOT ``exps/aper_
 the patch tokens and dropped after the last block (deep: fresh prompts before every block, the previous block's
 prompt outputs dropped), so the feature is the class token after the final norm; SSF (scale ~ N(1, 0.02), shift ~
 N(0, 0.02)) after every linear and norm layer of the blocks, after the patch projection and after the final norm;
-20 epochs, SGD lr 0.01 momentum 0.9, weight decay 5e-4, batch 48 (``data.batch_size`` in the configs).
+20 epochs, SGD lr 0.01 momentum 0.9, weight decay 5e-4, cosine to 0 stepped once per epoch, batch 48
+(``data.batch_size`` in the configs).
 
 Departures:
 
@@ -22,12 +23,13 @@ Departures:
   and on LayerScale models (DINOv2) it is added after LayerScale.
 - The PEFT modules are injected into the stock timm ViT, not a forked one, so any timm ViT works (DINOv2, register
   tokens) and the feature is that model's own pooling (the class token for ViT-B/16, as in the authors' code).
-- The cosine schedule steps per batch; PILOT's steps per epoch.
 - VPT-deep keeps PILOT's schedule (20 epochs, lr 0.01, batch 48); RevisitingCIL's VPT-deep configs for CIFAR,
   CUB, ImageNet-R/A and VTAB use 5 epochs, lr 0.05, batch 16 (set ``epochs``, ``lr`` and ``data.batch_size``).
 
-Switches the authors' code does not have (``peft_options``): the VPT paper's uniform prompt init and prompt dropout
-0.1 (``{init: uniform, dropout: 0.1}``), and SSF inside the blocks only (``{patch_embed: false, final_norm: false}``).
+Switches the authors' code does not have: the VPT paper's uniform prompt init and prompt dropout 0.1
+(``peft_options: {init: uniform, dropout: 0.1}``), SSF inside the blocks only (``peft_options: {patch_embed: false,
+final_norm: false}``), and a cosine schedule stepped after every batch (``lr_interval: step``; the authors' steps
+after every epoch, the default).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class APER(CILMethod):
         momentum: SGD momentum.
         weight_decay: Weight decay.
         peft_options: Overrides of the PEFT module's hyper-parameters (e.g. ``{"bottleneck": 16}``).
+        lr_interval: Step the cosine schedule after every ``epoch`` (the authors') or every ``step``.
     """
 
     def __init__(
@@ -75,8 +78,12 @@ class APER(CILMethod):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         peft_options: dict[str, Any] | None = None,
+        lr_interval: str = "epoch",
     ) -> None:
         super().__init__(backbone)
+        if lr_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_interval must be 'epoch' (the authors') or 'step', got {lr_interval!r}")
+        self.lr_interval = lr_interval
         if adapt not in _PEFT_DEFAULTS:
             raise ValueError(f"adapt must be one of {sorted(_PEFT_DEFAULTS)}, got {adapt!r}")
         self.adapt, self.epochs, self.lr, self.momentum, self.weight_decay = adapt, epochs, lr, momentum, weight_decay
@@ -116,7 +123,7 @@ class APER(CILMethod):
         return loss
 
     def configure_optimizers(self) -> Any:
-        return self.optimizer_with_cosine("sgd", self.lr, self.momentum, self.weight_decay)
+        return self.optimizer_with_cosine("sgd", self.lr, self.momentum, self.weight_decay, interval=self.lr_interval)
 
     def after_task(self, task: Task, features: FeatureFn) -> None:
         if task.index == 0:
@@ -144,8 +151,9 @@ def _variant(name: str, adapt: str) -> type[APER]:
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         peft_options: dict[str, Any] | None = None,
+        lr_interval: str = "epoch",
     ) -> None:
-        APER.__init__(self, backbone, adapt, epochs, lr, momentum, weight_decay, peft_options)
+        APER.__init__(self, backbone, adapt, epochs, lr, momentum, weight_decay, peft_options, lr_interval)
 
     cls = type(name, (APER,), {"__init__": __init__, "__doc__": f"APER adapted with {adapt} on the first task."})
     cls.__module__ = __name__

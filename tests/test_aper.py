@@ -5,6 +5,7 @@ the concatenated ``[PTM features | adapted features]`` (the authors' ``MultiBran
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,33 @@ def test_aper_adapts_on_the_first_task_only_and_concatenates_ptm_and_adapted_fea
         expected = torch.cat([ptm(images), _adapted(method, images)], dim=1)  # [N, 2D]
     for c in last.classes:
         torch.testing.assert_close(method.head.prototypes[c], expected[labels == c].mean(0))
+
+
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_aper_cosine_schedule_steps_per_epoch_as_the_authors_or_per_step(interval: str, tmp_path: Path) -> None:
+    """The authors' ``CosineAnnealingLR(T_max=tuned_epoch)`` is stepped once per epoch: over 3 epochs of 3 batches
+    the learning rate is lr, lr, lr, then 0.75 lr three times, then 0.25 lr (cosine to 0 over 3 periods)."""
+    stream = tiny_stream(increment=4, train_per_class=24, test_per_class=2)  # task 0: 96 images, 3 batches of 32
+    method = create_method("aper_ssf", tiny_backbone(), epochs=3, lr=0.1, lr_interval=interval)
+    rates: list[float] = []
+    original = method.training_step
+
+    def record(batch: Any, batch_idx: int) -> torch.Tensor:
+        rates.append(method.trainer.optimizers[0].param_groups[0]["lr"])
+        return original(batch, batch_idx)
+
+    method.training_step = record  # type: ignore[method-assign]
+    engine = Engine(
+        method, stream, tmp_path, trainer_factory=cpu_trainers(tmp_path), data=TINY_DATA, seed=1, count_flops=False
+    )
+    engine.run()
+    if interval == "epoch":
+        expected = [0.1] * 3 + [0.075] * 3 + [0.025] * 3
+    else:  # cosine over 9 steps
+        expected = [0.05 * (1 + math.cos(math.pi * step / 9)) for step in range(9)]
+    assert rates == pytest.approx(expected)
+
+
+def test_aper_refuses_an_unknown_schedule_interval() -> None:
+    with pytest.raises(ValueError, match="lr_interval"):
+        create_method("aper_adapter", tiny_backbone(), lr_interval="batch")
