@@ -26,6 +26,7 @@ import jsonargparse
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from cil._distributed import is_rank_zero
 from cil.backbones import Backbone
 from cil.cli import RUN_OPTIONS
 from cil.data import DataConfig
@@ -264,6 +265,8 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
         retention=build_stream(config["retention"], seed=seed) if config.get("retention") else None,
     )
     summary = engine.run()
+    if not is_rank_zero():  # several processes: one report
+        return 0
     print(f"\nAccuracy matrix R[i, j] (%), {stream.name}, {config['method_name']}:")
     print(_format_matrix(engine))
     print("\nSummary:")

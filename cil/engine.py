@@ -29,11 +29,13 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import multilabel_average_precision
 
+from cil._distributed import GatherPredictions, broadcast_state, is_rank_zero, sum_over_ranks
 from cil._interrupt import Interrupted, signals_deferred
 from cil._malloc import tune_malloc
 from cil.data import DataConfig, Transformed, build_transform, make_loader
@@ -313,12 +315,16 @@ class Engine:
         with contextlib.ExitStack() as quiet:
             if not self.verbose:
                 quiet.enter_context(_quiet_lightning())
+            if not is_rank_zero():  # several processes: rank 0 reports progress
+                level = log.level
+                log.setLevel(logging.WARNING)
+                quiet.callback(log.setLevel, level)
             return self._run()
 
     def _run(self) -> dict[str, Any]:
-        self._refuse_distributed()
+        self._refuse_unsupported_distributed()
         start = self._restore() if self.resume else self._check_fresh_out()
-        if start == 0:
+        if start == 0 and is_rank_zero():
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
             atomic_write_text(self.out / "stream.json", json.dumps(describe_stream(self.stream), indent=2, default=str))
         for task in self.stream.tasks[start:]:
@@ -366,9 +372,13 @@ class Engine:
         consolidation = method.consolidation_dataset(task, seen_tasks)
         if consolidation is not None:
             self._consolidate(method, task, consolidation, callbacks)
+        state_digest = broadcast_state(method)  # several processes: rank 0's state on every rank, checked
         fit_s = time.perf_counter() - started
-        train_images = counter.images + self.features.images
+        device = trainer.strategy.root_device
+        train_images = int(sum_over_ranks(counter.images, device)) + self.features.images  # features: gathered
 
+        if flops is not None:
+            flops.total = sum_over_ranks(flops.total, device)
         train_flops = round(flops.total + method.extra_train_flops) if flops is not None else None
         earlier_flops = _cumulative_flops(self.task_costs)
         cumulative_flops = None if train_flops is None or earlier_flops is None else earlier_flops + train_flops
@@ -393,12 +403,14 @@ class Engine:
                 **({} if retention is None else {"retention_acc": retention}),
                 **({} if retention_before is None else {"retention_before": retention_before}),
                 "total_params": sum(p.numel() for p in method.parameters()),
+                **({} if state_digest is None else {"state_digest": state_digest}),
                 **method.task_info,
             }
         )
         method.task_info = {}
-        with signals_deferred():  # a signal here waits until the task is fully recorded
-            self._write(task)
+        if is_rank_zero():
+            with signals_deferred():  # a signal here waits until the task is fully recorded
+                self._write(task)
 
     def _consolidate(self, method: CILMethod, task: Task, data: Dataset[Any], callbacks: list[Callback]) -> None:
         """The method's second fit of the task, on its own data, with a fresh Trainer and its own log folder."""
@@ -427,10 +439,19 @@ class Engine:
             Transformed(dataset, self.eval_transform), self.data.eval_batch_size, False, self.data.num_workers
         )
         self.method.predict_output = output
+        gather = GatherPredictions() if trainer.world_size > 1 else None  # every rank predicts a shard
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        if gather is not None:
+            callbacks.append(gather)
         try:
             batches = trainer.predict(self.method, dataloaders=loader, return_predictions=True)
         finally:
             self.method.predict_output = "logits"
+            if gather is not None:
+                callbacks.remove(gather)
+        if gather is not None:
+            assert gather.outputs is not None and gather.labels is not None
+            return gather.outputs, gather.labels
         assert batches is not None  # return_predictions=True
         outputs = torch.cat([b[0].float().cpu() for b in batches])
         labels = torch.cat([torch.as_tensor(b[1]).cpu() for b in batches])
@@ -530,7 +551,7 @@ class Engine:
         """Discards what the unfinished ``task`` left (its logs; its results are only written with its checkpoint)
         so that ``--resume`` starts it afresh, and says how far the run got."""
         finished = task.index + 1 if self._checkpoint_path(task.index).exists() else task.index
-        if finished == task.index:
+        if finished == task.index and is_rank_zero():
             for name in (f"task_{task.index:03d}", f"task_{task.index:03d}_consolidation"):
                 shutil.rmtree(self.out / "logs" / name, ignore_errors=True)
         interrupted = error if isinstance(error, Interrupted) else Interrupted(signal.SIGTERM)
@@ -543,14 +564,25 @@ class Engine:
     def _checkpoints(self) -> list[Path]:
         return sorted((self.out / "checkpoints").glob("task_*.ckpt"))
 
-    def _refuse_distributed(self) -> None:
-        """One process per run until evaluation, feature extraction and writing are rank-aware: under DDP each rank
-        scores and embeds only its shard, and every rank writes the run directory, so the numbers would be wrong."""
+    def _refuse_unsupported_distributed(self) -> None:
+        """Several processes only with a DDP strategy and a method shown to give the single-process answer under it
+        (``CILMethod.supports_distributed``); anything else is refused before a file is written."""
         probe = self.trainer_factory(0, [], {"logger": False})
-        if probe.world_size > 1:
+        if probe.world_size <= 1:
+            return
+        strategy = probe.strategy
+        spawns = getattr(strategy, "_start_method", "popen") != "popen"  # ddp_spawn / ddp_fork / ddp_notebook
+        if not isinstance(strategy, DDPStrategy) or spawns:  # FSDP, DeepSpeed: not DDPStrategy
             raise ValueError(
-                f"this run would use {probe.world_size} processes (trainer.devices / num_nodes / strategy), but cil "
-                "gives correct numbers on one process only so far; set --trainer.devices 1 (and --trainer.num_nodes 1)"
+                f"cil runs several processes with Lightning's DDP strategy only (processes started once, by Lightning, "
+                f"torchrun or SLURM), not {type(strategy).__name__}"
+                f"{' starting them per call' if spawns else ''}; set --trainer.strategy ddp, or --trainer.devices 1"
+            )
+        blocker = self.method.distributed_blocker()
+        if blocker is not None:
+            raise ValueError(
+                f"{blocker}; {probe.world_size} processes requested: run with --trainer.devices 1 "
+                "(and --trainer.num_nodes 1)"
             )
 
     def _check_fresh_out(self) -> int:

@@ -15,6 +15,7 @@ The embedding / classifier split (:meth:`embed`, :meth:`classify`) lets the engi
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, TypeVar
 
@@ -52,6 +53,16 @@ def list_methods() -> list[str]:
 
 
 def method_class(name: str) -> type[CILMethod]:
+    """The class registered as ``name``, or the method class a class path names (``methods.Finetune``: what a run's
+    ``config.yaml`` records for a method argument such as FPF's ``method``)."""
+    if "." in name and name not in _METHODS.names():
+        module, _, attribute = name.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module), attribute, None)
+        except ImportError:
+            found = None
+        if isinstance(found, type) and issubclass(found, CILMethod):
+            return found
     return _METHODS.get(name)
 
 
@@ -81,6 +92,17 @@ class CILMethod(L.LightningModule):
     """Protocols the method is defined for; the engine refuses the others with a message."""
     supports_multilabel: ClassVar[bool] = False
     """Whether the method can learn multi-label tasks (multi-hot targets, sigmoid outputs)."""
+    supports_distributed: ClassVar[bool] = False
+    """Whether the method is shown (``tests/test_distributed.py``) to give the single-process answer under DDP, where
+    the engine gathers predictions, broadcasts rank 0's state after every task and sums counts; the engine refuses
+    several processes for the others."""
+
+    def distributed_blocker(self) -> str | None:
+        """Why this method, as configured, cannot run on several processes (None: it can). The default follows
+        :attr:`supports_distributed`; a method overrides it to refuse one setting only."""
+        if type(self).supports_distributed:
+            return None
+        return f"{type(self).__name__} is not yet shown to give the single-process answer on several processes"
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()

@@ -69,6 +69,8 @@ class APER(CILMethod):
         lr_interval: Step the cosine schedule after every ``epoch`` (the authors') or every ``step``.
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         backbone: Backbone,

@@ -66,6 +66,8 @@ class CoDyRA(CILMethod):
         towers: CLIP only: the transformers that get LoRA (``visual``, ``text``).
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         backbone: Backbone,

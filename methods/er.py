@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import torch
 
+from cil._distributed import rank_and_world
 from cil.backbones import Backbone
 from cil.buffer import ReservoirBuffer, fill_from_task
 from cil.method import CILMethod, register_method
@@ -28,11 +29,21 @@ from cil.task import Task
 from methods.finetune import Finetune
 
 
-def replay_batch(method: CILMethod, buffer: ReservoirBuffer, size: int) -> tuple[torch.Tensor, ...]:
-    """``size`` buffer images through the engine's training transform, on the method's device: ``(x, y, slots)``."""
+def replay_batch(
+    method: CILMethod, buffer: ReservoirBuffer, size: int, shard: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """``size`` buffer images through the engine's training transform, on the method's device: ``(x, y, slots)``.
+
+    ``shard``: under DDP, every rank draws the same ``size x world`` slots (so the buffer's generator stays the same on
+    every rank) and replays its own ``size`` of them, as the current minibatch is sharded: one optimiser step then
+    replays ``size x world`` distinct images, as one process with a ``world`` times larger batch would. Without it
+    (FPF's own steps, which every rank runs alike outside DDP's gradient averaging) every rank replays the same."""
     if method.train_transform is None:
         raise RuntimeError(f"{type(method).__name__} replays buffer images through the engine's training transform")
-    slots = buffer.sample_slots(size)
+    rank, world = rank_and_world() if shard else (0, 1)
+    slots = buffer.sample_slots(size * world)
+    if world > 1 and len(slots) >= world:
+        slots = slots[rank::world][:size]
     x, y = buffer.batch(slots, method.train_transform)  # [B, 3, H, W], [B]
     return x.to(method.device, cast(torch.dtype, method.dtype)), y.to(method.device), slots
 
@@ -54,6 +65,7 @@ class ER(Finetune):
     """
 
     supports_multilabel = False  # the buffer stores one integer label per image
+    supports_distributed = True  # replay minibatches are sharded like the current one (replay_batch)
 
     def __init__(
         self,
@@ -79,7 +91,7 @@ class ER(Finetune):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch  # [B, 3, H, W], [B]
-        replay_x, replay_y, _ = replay_batch(self, self.buffer, self.replay_batch_size)
+        replay_x, replay_y, _ = replay_batch(self, self.buffer, self.replay_batch_size, shard=True)
         x, y = torch.cat([x, replay_x]), torch.cat([y, replay_y])  # [B + B_replay, ...]
         return super().training_step((x, y), batch_idx)
 

@@ -36,6 +36,7 @@ class Finetune(CILMethod):
     """
 
     supports_multilabel = True  # the base training step uses binary cross-entropy on multi-hot targets
+    supports_distributed = True
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class ForgettingPrioritizedFinetuning(CILMethod):
     """
 
     supports_multilabel = False
+    supports_distributed = True  # FPF's own steps run alike on every rank, on the same buffer minibatches
 
     def __init__(self, backbone: Backbone, *, options: FPFOptions, **method: Any) -> None:
         super().__init__(backbone, **method)
@@ -138,11 +139,31 @@ class ForgettingPrioritizedFinetuning(CILMethod):
     def focus_on(self, units: Sequence[str]) -> tuple[list[nn.Parameter], Callable[[], None]]:
         """Makes only ``units`` trainable and keeps the running statistics of the other BatchNorms fixed. Returns
         the units' parameters and a function that undoes it."""
+        params, undo_grads = self.train_only(units)
+        undo_norms = self.fix_other_norms(units)
+
+        def undo() -> None:
+            undo_grads()
+            undo_norms()
+
+        return params, undo
+
+    def train_only(self, units: Sequence[str]) -> tuple[list[nn.Parameter], Callable[[], None]]:
+        """``requires_grad`` on the parameters of ``units`` only; returns them and a function that undoes it."""
         selected = {key for unit in units for key, _ in unit_tensors(self, unit)}
         params = [p for name, p in self.named_parameters() if name in selected]
         flags = {name: p.requires_grad for name, p in self.named_parameters()}
         for name, p in self.named_parameters():
             p.requires_grad_(name in selected)
+
+        def undo() -> None:
+            for name, p in self.named_parameters():
+                p.requires_grad_(flags[name])
+
+        return params, undo
+
+    def fix_other_norms(self, units: Sequence[str]) -> Callable[[], None]:
+        """Evaluation mode for the BatchNorms in training mode outside ``units``; returns a function that undoes it."""
         frozen_norms = [
             m
             for name, m in self.named_modules()
@@ -152,12 +173,10 @@ class ForgettingPrioritizedFinetuning(CILMethod):
             module.eval()
 
         def undo() -> None:
-            for name, p in self.named_parameters():
-                p.requires_grad_(flags[name])
             for module in frozen_norms:
                 module.train()
 
-        return params, undo
+        return undo
 
     def fpf_loss(self, x: torch.Tensor, y: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Cross-entropy over the seen classes (within each image's task under ``task_incremental``), plus the
@@ -354,7 +373,8 @@ class FPF(ForgettingPrioritizedFinetuning):
         )
         super().__init__(backbone, options=options, **(method_args or {}))
         self.wrapped, self.apply_after = method, apply  # not `self.apply`: that is nn.Module.apply
-        self._unfocus: Callable[[], None] | None = None
+        self._unfocus: Callable[[], None] | None = None  # the consolidation fit's BatchNorm modes
+        self._unfocus_grads: Callable[[], None] | None = None  # and its trainable parameters
         self._fpf_units: list[str] = []
         self._fpf_params: list[nn.Parameter] = []
         self.pre_fpf: dict[str, torch.Tensor] = {}  # the finetuned tensors as the wrapped method left them
@@ -406,11 +426,17 @@ class FPF(ForgettingPrioritizedFinetuning):
         return loss
 
     # The wrapped method's training hooks belong to its own fit, not to FPF's.
+    def setup(self, stage: str) -> None:
+        if self.phase == "consolidation" and stage == "fit":  # before DDP wraps the model: the set of trainable
+            _, self._unfocus_grads = self.train_only(self._fpf_units)  # parameters must be fixed by then
+        else:
+            super().setup(stage)
+
     def on_train_start(self) -> None:
         if self.phase != "consolidation":
             super().on_train_start()
             return
-        _, self._unfocus = self.focus_on(self._fpf_units)  # after Lightning put every module in training mode
+        self._unfocus = self.fix_other_norms(self._fpf_units)  # after Lightning put every module in training mode
 
     def on_train_epoch_start(self) -> None:
         if self.phase != "consolidation":
@@ -430,9 +456,10 @@ class FPF(ForgettingPrioritizedFinetuning):
         if self.phase != "consolidation":
             super().on_train_end()
             return
-        assert self._unfocus is not None
+        assert self._unfocus is not None and self._unfocus_grads is not None
         self._unfocus()
-        self._unfocus = None
+        self._unfocus_grads()
+        self._unfocus = self._unfocus_grads = None
 
     def get_extra_state(self) -> Any:
         return {**super().get_extra_state(), "pre_fpf": dict(self.pre_fpf)}

@@ -24,7 +24,17 @@ Departures: the adapter uses ReLU and a fixed output scale of 1 (theirs: GELU an
 1); LoRA's scale is fixed at ``alpha / rank = 1`` (theirs: learned, init 1); prefixes start from our uniform init and
 have no learned scale and no attention compensation (theirs rescale the prefix attention weights); the linear head's
 new rows start from N(0, 0.001) as theirs. The learning rate is theirs for batch 24 (``0.03 x 24 / 256`` on CIFAR);
-scale it with the batch size if you change ``data.batch_size``.
+scale it with the batch size if you change ``data.batch_size``. Inputs come from the engine, not from their
+pipeline: theirs are [0, 1] pixels without normalisation (``main.py`` builds ``build_imagenet_transform(norm=False)``),
+random-resized crops of scale (0.08, 1) for training and Resize(256) + CenterCrop(224) for testing
+(``libml/data/transform.py``); the engine normalises with the backbone's mean and std, crops with scale (0.7, 1) and
+resizes the whole image for testing (``cil/data.py``). Their matmuls run in TF32
+(``torch.set_float32_matmul_precision("medium")`` in ``libml/core/abc.py``).
+
+LAMDA-PILOT's LAE (``models/lae.py`` at 5240714) is not the authors' and is not a reference for this one: its adapter
+is attached where the attention never reads it (head-only training), its LoRA variant raises, it freezes the PET
+module in the first epochs of the first task too, and its offline module starts from the random initial PET and
+follows it from the first step.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cil._distributed import sum_counts_over_ranks
 from cil.backbones import Backbone
 from cil.heads import IncrementalLinear
 from cil.layers import FlatPEFT, freeze_except_peft, inject, vit_blocks
@@ -72,6 +83,8 @@ class LAE(CILMethod):
         pet_options: Overrides of the PET module's hyper-parameters (e.g. ``{"rank": 8}``).
     """
 
+    supports_distributed = True
+
     def __init__(
         self,
         backbone: Backbone,
@@ -104,6 +117,7 @@ class LAE(CILMethod):
         self.register_buffer("offline", torch.zeros(self.online.numel()))
         self.register_buffer("offline_born", torch.tensor(False))
         self._counts = torch.zeros(4, dtype=torch.long)  # online, offline, ensemble correct; images
+        self._counts_before = self._counts.clone()  # at the start of the current prediction
 
     # ---- per task --------------------------------------------------------------------------------------------
     def expand_heads(self, num_new: int) -> None:
@@ -116,21 +130,21 @@ class LAE(CILMethod):
         if task.index > 0 and not bool(self.offline_born):
             self.offline.copy_(self.online.vector())  # the offline module starts as the first task's online one
             self.offline_born.fill_(True)
-        self._set_pet_trainable(True)
 
     def trainer_overrides(self, task: Task) -> dict[str, Any]:
         return {"max_epochs": self.epochs}
 
-    def _set_pet_trainable(self, trainable: bool) -> None:
-        for param in self.online.parameters():
-            param.requires_grad_(trainable)
-
-    def on_train_epoch_start(self) -> None:
+    def pet_frozen(self) -> bool:
         """Learning-speed calibration: the head alone for the first epochs of every task after the first."""
-        self._set_pet_trainable(self.task_index == 0 or self.current_epoch >= self.freeze_epochs)
+        return self.task_index > 0 and self.current_epoch < self.freeze_epochs
 
-    def on_train_end(self) -> None:
-        self._set_pet_trainable(True)
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A frozen PET module's gradients are dropped before the step, so Adam skips it as it skips the authors'
+        ``requires_grad=False`` parameters (no update, no moment or step-count change). Its parameters keep
+        ``requires_grad``: DDP needs the same trainable parameters, all used, in every step of a fit."""
+        if self.pet_frozen():
+            for param in self.online.parameters():
+                param.grad = None
 
     def configure_optimizers(self) -> Any:
         params = [*self.head.parameters(), *self.online.parameters()]
@@ -188,11 +202,20 @@ class LAE(CILMethod):
             (self._choose(online, offline, rule).argmax(1) == y).sum() for rule in ("online", "offline", "ensemble")
         ]
         self._counts += torch.stack([*correct, torch.tensor(len(y), device=y.device)]).cpu()
-        online_right, offline_right, ensemble_right, total = self._counts.tolist()
-        self.task_info["online_acc"] = round(100.0 * online_right / total, 4)
-        self.task_info["offline_acc"] = round(100.0 * offline_right / total, 4)
-        self.task_info["ensemble_acc"] = round(100.0 * ensemble_right / total, 4)
         return self._choose(online, offline, self.inference), y
+
+    def on_predict_epoch_start(self) -> None:
+        self._counts_before = self._counts.clone()
+
+    def on_predict_epoch_end(self) -> None:
+        """The three accuracies so far, over every rank's shard of this prediction."""
+        scored = sum_counts_over_ranks(self._counts - self._counts_before, self.device)
+        self._counts.copy_(self._counts_before + scored)  # in place: this runs in inference mode
+        online_right, offline_right, ensemble_right, total = self._counts.tolist()
+        if total:
+            self.task_info["online_acc"] = round(100.0 * online_right / total, 4)
+            self.task_info["offline_acc"] = round(100.0 * offline_right / total, 4)
+            self.task_info["ensemble_acc"] = round(100.0 * ensemble_right / total, 4)
 
 
 def _variant(name: str, pet: str) -> type[LAE]:

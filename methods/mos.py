@@ -66,6 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+from cil._distributed import sum_counts_over_ranks
 from cil.backbones import Backbone
 from cil.heads import HEAD_INITS, IncrementalLinear, PrototypeHead
 from cil.layers import FlatPEFT, freeze_except_peft, inject, vit_blocks
@@ -107,6 +108,8 @@ class MOS(CILMethod):
             see the module docstring) or ``task`` (task ``t``'s own adapter, and the next task starts from it).
         head_init: New head rows' init: ``trunc_normal`` (timm's, as the authors) or ``default`` (PyTorch's).
     """
+
+    supports_distributed = True  # except with statistics_adapter: pulled (distributed_blocker)
 
     def __init__(
         self,
@@ -175,6 +178,7 @@ class MOS(CILMethod):
         self._embed_adapter: torch.Tensor | None = None  # flattened adapter `embed` uses; None: the running one
         self._pull: _PullSchedule | None = None  # set while class statistics are computed under pulled adapters
         self._retrieval_counts = torch.zeros(3, dtype=torch.long)  # retrieved right, first guess right, images
+        self._counts_before = self._retrieval_counts.clone()  # at the start of the current prediction
 
     # ---- structure -------------------------------------------------------------------------------------------
     def grow(self, task: Task) -> None:
@@ -396,11 +400,29 @@ class MOS(CILMethod):
         true_task = self.class_task[y.to(self.class_task.device)]
         counts = torch.stack([(retrieved == true_task).sum(), (first_guess == true_task).sum()]).cpu()
         self._retrieval_counts += torch.cat([counts, torch.tensor([len(y)])])
+        return scores, y
+
+    def on_predict_epoch_start(self) -> None:
+        self._counts_before = self._retrieval_counts.clone()
+
+    def on_predict_epoch_end(self) -> None:
+        """Retrieval accuracies so far, over every rank's shard of this prediction."""
+        scored = sum_counts_over_ranks(self._retrieval_counts - self._counts_before, self.device)
+        self._retrieval_counts.copy_(self._counts_before + scored)  # in place: this runs in inference mode
         right, first_right, total = self._retrieval_counts.tolist()
+        if not total:
+            return
         if self.retrieval:  # without retrieval every image uses the newest adapter: nothing was retrieved
             self.task_info["retrieval_acc"] = round(100.0 * right / total, 4)
         self.task_info["first_guess_task_acc"] = round(100.0 * first_right / total, 4)
-        return scores, y
+
+    def distributed_blocker(self) -> str | None:
+        if self.statistics_adapter == "pulled":
+            return (
+                "MOS with statistics_adapter: pulled replays the authors' in-place pulls forward by forward, which a "
+                "pass sharded over processes cannot (--method.init_args.statistics_adapter task can)"
+            )
+        return None
 
 
 class _PullSchedule:

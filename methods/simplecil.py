@@ -23,6 +23,7 @@ class SimpleCIL(CILMethod):
     """Frozen PTM + cosine nearest-prototype classifier; no gradient step at all."""
 
     supports_multilabel = True  # a label's prototype averages the images that show it; cosine scores rank them
+    supports_distributed = True
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__(backbone)

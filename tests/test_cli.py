@@ -278,14 +278,21 @@ def test_sigterm_exits_143_with_the_resume_command(tmp_path: Path, reference_res
     pd.testing.assert_frame_equal(pd.read_csv(stopped / "results.csv"), reference_results)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
-def test_a_distributed_run_is_refused_before_anything_is_written(
-    strategy: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("strategy", "method", "says"),
+    [
+        ("ddp_spawn", "simplecil", "DDP strategy only"),  # spawns per Trainer call: the method would stay behind
+        ("ddp_fork", "simplecil", "DDP strategy only"),
+        ("ddp", "mos", "statistics_adapter"),  # MOS's default statistics cannot be sharded
+    ],
+)
+def test_an_unsupported_distributed_run_is_refused_before_anything_is_written(
+    strategy: str, method: str, says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = str(ROOT / "configs/experiments/quickstart.yaml")
     out = tmp_path / "run"
     distributed = ["--trainer.strategy", strategy, "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    code = main(["run", "--config", config, "--config", TINY, "--out", str(out), *distributed])
+    code = main(["run", "--config", config, "--config", TINY, "--method", method, "--out", str(out), *distributed])
     error = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and "2 processes" in error[-1] and "--trainer.devices 1" in error[-1]
+    assert code != 0 and says in error[-1] and "--trainer.devices 1" in error[-1]
     assert not out.exists()

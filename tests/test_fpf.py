@@ -91,9 +91,9 @@ def test_fpf_over_er_shares_its_buffer(tmp_path: Path, monkeypatch: pytest.Monke
         built.append(ReservoirBuffer(*args, **kwargs))
         return built[-1]
 
-    def replay(method: CILMethod, buffer: ReservoirBuffer, size: int) -> tuple[torch.Tensor, ...]:
+    def replay(method: CILMethod, buffer: ReservoirBuffer, size: int, shard: bool = False) -> tuple[torch.Tensor, ...]:
         replayed.add(id(buffer))
-        return replay_batch(method, buffer, size)
+        return replay_batch(method, buffer, size, shard)
 
     monkeypatch.setattr(er_module, "ReservoirBuffer", build)
     monkeypatch.setattr(er_module, "replay_batch", replay)

@@ -21,10 +21,11 @@ def _ignored(path: str) -> bool:
 
 
 def _readme_commands() -> list[list[str]]:
-    """The ``cil`` commands of the README's bash blocks, split into arguments (``&&`` chains split too)."""
+    """The ``cil`` commands of the README's bash blocks, split into arguments (``&&`` chains split too, lines ending in
+    a backslash joined)."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
     commands = []
-    for line in "\n".join(blocks).splitlines():
+    for line in "\n".join(blocks).replace("\\\n", " ").splitlines():  # continuation lines joined
         for part in line.split("#")[0].split("&&"):
             words = shlex.split(part)
             if words[:1] == ["cil"]:
