@@ -45,6 +45,9 @@ FAMILIES: dict[str, list[str]] = {
     "lae": ["--config", str(ROOT / "configs/experiments/lae_offline.yaml")],
     "er": [*FINETUNE, "--method", "er"],
     "fpf": [*FINETUNE, "--method", "fpf"],  # FPF's consolidation fit on the buffer after every task
+    "kfpf": ["--config", str(ROOT / "configs/experiments/kfpf_offline.yaml")],  # FPF's steps inside the fit
+    "aper": ["--config", str(ROOT / "configs/experiments/aper_ssf_offline.yaml")],  # prototypes of a tuned copy
+    "codyra": ["--config", str(ROOT / "configs/experiments/codyra_offline.yaml")],
 }
 
 
@@ -111,7 +114,7 @@ def test_simplecil_on_two_processes_is_the_one_process_run(tmp_path: Path) -> No
     assert pd.read_csv(two / "tasks.csv")["state_digest"].iloc[-1] == state_digest(method)  # prototypes, bit for bit
 
 
-@pytest.mark.parametrize("family", ["finetune", "mos", "lae", "er", "fpf"])
+@pytest.mark.parametrize("family", ["finetune", "mos", "lae", "er", "fpf", "kfpf", "aper", "codyra"])
 def test_a_training_method_on_two_processes_scores_what_its_checkpoint_scores(family: str, tmp_path: Path) -> None:
     run = tmp_path / "two"
     results = _check_two_process_run(run, _cil_run(run, family, 2))
@@ -123,6 +126,20 @@ def test_a_training_method_on_two_processes_scores_what_its_checkpoint_scores(fa
         assert tasks["ensemble_acc"].iloc[-1] == pytest.approx(100 * last["n_correct"].sum() / last["n_test"].sum())
     if family == "finetune":  # 2 epochs of 100 images, counted on both ranks (each trained on 50 per epoch)
         assert tasks["train_images"].tolist() == [200, 200]
+
+
+def test_a_two_process_run_resumes_from_its_checkpoint_on_both_processes(tmp_path: Path) -> None:
+    """Both processes load the newest checkpoint and continue: the same results as the uninterrupted run."""
+    run = tmp_path / "two"
+    _cil_run(run, "finetune", 2)
+    uninterrupted = pd.read_csv(run / "results.csv")
+    (run / "checkpoints" / "task_001.ckpt").unlink()  # as if stopped during the last task
+    command = [sys.executable, "-m", "cil.cli", "run", *FAMILIES["finetune"], "--config", TINY, "--out", str(run)]
+    command += ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--resume", "true"]
+    done = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("resuming") == 1  # rank 0 says so, once
+    pd.testing.assert_frame_equal(pd.read_csv(run / "results.csv"), uninterrupted)
 
 
 def test_state_digest_tells_apart_states_that_differ_in_one_bit() -> None:
