@@ -9,7 +9,9 @@ classes keep their images.
 It stores the images exactly as the stream hands them out (PIL images or ``uint8`` arrays, before any transform),
 their global labels, the task that brought them and, optionally, logits recorded for distillation. All of it,
 and the state of its random generator, is part of :meth:`state_dict`, so a method that owns a buffer puts it in
-its checkpoint and a resumed run continues with the same buffer and the same future decisions.
+its checkpoint and a resumed run continues with the same buffer and the same future decisions. The state holds
+tensors, numbers and strings only (images as ``uint8`` tensors with the type they came as), so a checkpoint loads
+with ``torch.load(weights_only=True)``: reading a run directory never unpickles arbitrary objects.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from cil.task import Task, dataset_targets
@@ -167,7 +170,7 @@ class ReservoirBuffer:
             "class_balanced": self.class_balanced,
             "rng": self.rng.bit_generator.state,
             "draws": self.draws.get_state(),
-            "images": list(self.images),
+            "images": [_image_tensor(image) for image in self.images],  # (kind, tensor) pairs
             "labels": list(self.labels),
             "tasks": list(self.tasks),
             "logits": list(self.logits),
@@ -184,7 +187,7 @@ class ReservoirBuffer:
             )
         self.rng.bit_generator.state = state["rng"]
         self.draws.set_state(state["draws"])
-        self.images = list(state["images"])
+        self.images = [_image_from_tensor(kind, tensor) for kind, tensor in state["images"]]
         self.labels = list(state["labels"])
         self.tasks = list(state["tasks"])
         self.logits = list(state["logits"])
@@ -210,6 +213,28 @@ class BufferDataset(Dataset[tuple[Any, ...]]):
         slot = self.slots[i]
         sample = (self.buffer.images[slot], self.buffer.labels[slot])
         return (*sample, slot) if self.with_slots else sample
+
+
+def _image_tensor(image: Any) -> tuple[str, torch.Tensor]:
+    """A buffer image as ``(kind, tensor)``, restorable by :func:`_image_from_tensor` to the type it came as."""
+    if isinstance(image, torch.Tensor):
+        return "tensor", image
+    if isinstance(image, np.ndarray):
+        return "numpy", torch.from_numpy(np.ascontiguousarray(image))
+    if isinstance(image, Image.Image):
+        return f"pil:{image.mode}", torch.from_numpy(np.array(image))
+    raise TypeError(f"a buffer image must be a tensor, an array or a PIL image to be checkpointed, not {type(image)}")
+
+
+def _image_from_tensor(kind: str, tensor: torch.Tensor) -> Any:
+    if kind == "tensor":
+        return tensor
+    if kind == "numpy":
+        return tensor.numpy()
+    if kind.startswith("pil:"):
+        image = Image.fromarray(tensor.numpy())
+        return image if image.mode == kind[4:] else image.convert(kind[4:])
+    raise ValueError(f"unknown buffer image kind {kind!r} in the checkpoint")
 
 
 def fill_from_task(buffer: ReservoirBuffer, task: Task) -> list[int]:

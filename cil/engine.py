@@ -599,12 +599,19 @@ class Engine:
             log.info("no checkpoint in %s: starting the stream from the first task", self.out)
             return 0
         path = checkpoints[-1]
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+        try:  # weights_only: tensors and plain containers only, so a planted pickle cannot run code
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
             raise ValueError(
-                f"cannot read checkpoint {str(path)!r} ({error}); delete it to resume from the one before"
+                f"cannot read checkpoint {str(path)!r} as a cil checkpoint ({reason[:200]}); "
+                "delete it to resume from the one before"
             ) from error
+        if not isinstance(state, dict) or not state.keys() >= _CHECKPOINT_KEYS:
+            raise ValueError(
+                f"{str(path)!r} is not a cil checkpoint (expected the keys {sorted(_CHECKPOINT_KEYS)}); "
+                "delete it to resume from the one before"
+            )
         if state.get("config_hash") != self.config_hash:
             changed = _changed_keys(state.get("config", {}), self.config)
             raise ValueError(
@@ -618,6 +625,9 @@ class Engine:
         start = int(state["task_index"]) + 1
         log.info("resuming %s after task %d of %d", self.out, start, len(self.stream))
         return start
+
+
+_CHECKPOINT_KEYS = frozenset({"config_hash", "config", "stream", "task_index", "method", "results", "task_costs"})
 
 
 @contextlib.contextmanager

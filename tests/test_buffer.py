@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import chi2
 
 from cil.buffer import ReservoirBuffer
@@ -111,3 +114,19 @@ def test_stored_logits_are_padded_and_masked() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         ReservoirBuffer(0)
+
+
+def test_a_buffer_checkpoint_loads_without_unpickling_objects(tmp_path: Path) -> None:
+    """Arrays, PIL images and tensors survive ``torch.save`` / ``torch.load(weights_only=True)`` as what they were."""
+    buffer = ReservoirBuffer(capacity=3, seed=0)
+    images = [np.arange(12, dtype=np.uint8).reshape(2, 2, 3), Image.new("L", (4, 3), color=7), torch.ones(3, 2, 2)]
+    for label, image in enumerate(images):
+        buffer.add_task([(image, label)], task_index=label)  # type: ignore[arg-type]
+    torch.save(buffer.state_dict(), tmp_path / "buffer.pt")
+    restored = ReservoirBuffer(capacity=3, seed=1)
+    restored.load_state_dict(torch.load(tmp_path / "buffer.pt", weights_only=True))
+    assert isinstance(restored.images[0], np.ndarray) and np.array_equal(restored.images[0], images[0])
+    assert isinstance(restored.images[1], Image.Image) and restored.images[1].mode == "L"
+    assert np.array_equal(np.asarray(restored.images[1]), np.asarray(images[1]))
+    assert torch.equal(restored.images[2], images[2]) and restored.labels == buffer.labels
+    assert torch.equal(restored.sample_slots(3), buffer.sample_slots(3))  # the generators continue alike

@@ -114,6 +114,32 @@ def test_refuses_to_overwrite_and_to_resume_another_config(tmp_path: Path) -> No
         engine.run()
 
 
+class _Payload:
+    """A pickle that runs code when loaded: it creates the file named in its argument."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("planted", ["pickle", "not_a_checkpoint"])
+def test_resume_never_runs_code_from_the_run_directory(planted: str, tmp_path: Path) -> None:
+    """A file planted as the newest checkpoint is refused in one line, and what it carries never runs."""
+    out, marker = tmp_path / "run", tmp_path / "payload_ran"
+    run(out, stream=tiny_stream(increment=5))
+    newest = out / "checkpoints" / "task_009.ckpt"
+    if planted == "pickle":
+        torch.save({"config_hash": _Payload(marker)}, newest)
+    else:
+        torch.save({"weights": torch.zeros(3)}, newest)  # loads safely, but is not a cil checkpoint
+    with pytest.raises(ValueError, match=r"task_009\.ckpt") as refused:
+        run(out, stream=tiny_stream(increment=5), resume=True)
+    assert "\n" not in str(refused.value) and "delete it" in str(refused.value)
+    assert not marker.exists()
+
+
 def test_keep_checkpoints(tmp_path: Path) -> None:
     run(tmp_path, keep_checkpoints=2)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["task_003.ckpt", "task_004.ckpt"]
