@@ -63,7 +63,7 @@ def test_sweep_writes_one_run_per_seed(sweep: Path) -> None:
     runs = [sweep / "finetune" / f"seed_{s}" for s in (1, 2)]
     orders = [[t["class_names"] for t in json.loads((run / "stream.json").read_text())["tasks"]] for run in runs]
     assert orders[0] != orders[1]
-    heads = [torch.load(run / "checkpoints" / "task_001.ckpt", weights_only=False)["method"] for run in runs]
+    heads = [torch.load(run / "checkpoints" / "task_001.ckpt", weights_only=True)["method"] for run in runs]
     assert not torch.equal(heads[0]["weights"]["head.weight"], heads[1]["weights"]["head.weight"])
 
 

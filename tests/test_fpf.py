@@ -178,7 +178,7 @@ def test_er_replays_from_a_buffer_saved_in_the_checkpoint(tmp_path: Path) -> Non
     finetune = _run(create_method("finetune", tiny_backbone(), **ADAMW), tmp_path / "finetune")
     # one replay image per current image up to the replay batch size: more work per step than fine-tuning
     assert runner.summary()["train_flops"] > 1.1 * finetune.summary()["train_flops"]
-    state = torch.load(tmp_path / "er" / "checkpoints" / "task_004.ckpt", weights_only=False)["method"]["weights"]
+    state = torch.load(tmp_path / "er" / "checkpoints" / "task_004.ckpt", weights_only=True)["method"]["weights"]
     saved = state["_extra_state"]["buffer"]
     assert len(saved["labels"]) == 25 and sorted(set(saved["tasks"])) == [0, 1, 2, 3, 4]
 
