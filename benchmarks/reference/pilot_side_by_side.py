@@ -29,6 +29,11 @@ into this repository. Two of its functions are replaced, from here, for the dura
   sees the same ``timm`` shim, so the plain PTM branch that its dual-branch network asks ``get_backbone`` for
   (``pretrained_vit_b16_224`` -> ``timm.create_model``) is the seeded ViT-B/16 too. ``cil`` gets it as for MOS;
   ``data.eval_batch_size`` = ``batch_size`` (PILOT's APER test and prototype loaders).
+* APER with SSF, VPT (deep, shallow) or fine-tuning: see ``_pilot_vit_patches`` (PILOT's ``vit_ssf`` weight loading,
+  which does not run on timm 1.x, is replaced by its constructor plus the seeded weights; ``build_promptmodel`` gets
+  the shim and a 32-px ``VPT_ViT``). Every value of the authors' ``exps/aper_*.json`` goes to ``cil``'s side too
+  (``_aper_hyperparameters``); before training, PILOT's initial PEFT values are copied into a copy of ``cil``'s tuned
+  branch and both must compute the same features (``_check_tuned_branch``).
 
 Two further wrappers only observe: ``utils.factory.get_model`` hands the Learner it builds to the harness, whose
 ``_eval_cnn`` is wrapped to keep its predictions (same return value); on our side ``cil.engine.TaskAccuracy`` is
