@@ -37,6 +37,7 @@ from torchmetrics.functional.classification import multilabel_average_precision
 
 from cil._distributed import GatherPredictions, broadcast_state, is_rank_zero, sum_over_ranks
 from cil._interrupt import Interrupted, signals_deferred
+from cil._lock import exclusive_run_directory
 from cil._malloc import tune_malloc
 from cil.data import DataConfig, Transformed, build_transform, make_loader
 from cil.flops import flop_counter
@@ -45,7 +46,7 @@ from cil.metrics import TaskAccuracy
 from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atomic_write_text, summarize
 from cil.retention import retention_accuracy
 from cil.stream import Stream
-from cil.task import Task
+from cil.task import Task, stored_targets
 
 __all__ = ["Engine", "TrainerFactory", "config_hash", "describe_stream", "make_trainer_factory"]
 
@@ -293,6 +294,7 @@ class Engine:
         self.resume = resume
         self.keep_checkpoints = keep_checkpoints
         self.config_hash = config_hash(self.config)
+        self.stream_fingerprint = stream_fingerprint(stream)
         registered = method_registry_name(method)
         self.method_name = str(self.config.get("method_name") or registered or type(method).__name__.lower())
         self.results: list[dict[str, Any]] = []
@@ -323,6 +325,12 @@ class Engine:
 
     def _run(self) -> dict[str, Any]:
         self._refuse_unsupported_distributed()
+        with contextlib.ExitStack() as writing:
+            if is_rank_zero():  # the one writer; a second run into this --out is refused here
+                writing.enter_context(exclusive_run_directory(self.out))
+            return self._run_stream()
+
+    def _run_stream(self) -> dict[str, Any]:
         start = self._restore() if self.resume else self._check_fresh_out()
         if start == 0 and is_rank_zero():
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
@@ -538,6 +546,8 @@ class Engine:
             "config": self.config,
             "stream": self.stream.name,
             "task_index": task.index,
+            "stream_fingerprint": self.stream_fingerprint,
+            "stream_description": _plain(describe_stream(self.stream)),
             "method": self.method.cil_state(),
             "results": self.results,
             "task_costs": self.task_costs,
@@ -619,12 +629,34 @@ class Engine:
                 f"(differs in: {', '.join(changed) or '?'}); "
                 "resume with the original config, or start a new run with another --out"
             )
+        stored = state.get("stream_fingerprint")
+        if stored is None:
+            log.warning("%s predates stream fingerprints: the stream behind --out is not checked", path)
+        elif stored != self.stream_fingerprint:
+            before, now = (_by_task(d) for d in (state.get("stream_description", {}), describe_stream(self.stream)))
+            changed = _changed_keys(before, now)
+            raise ValueError(
+                f"the stream changed since {str(path)!r} was written "
+                f"(differs in: {', '.join(changed[:8]) or 'the labels'}); "
+                "restore the data the run started with, or start a new run with another --out"
+            )
         self.method.load_cil_state(state["method"], self.stream.tasks)
         self.results = list(state["results"])
         self.task_costs = list(state["task_costs"])
         start = int(state["task_index"]) + 1
         log.info("resuming %s after task %d of %d", self.out, start, len(self.stream))
         return start
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON gives it back (tuples as lists, other objects as strings), to compare with a checkpoint."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _by_task(description: dict[str, Any]) -> dict[str, Any]:
+    """A stream description with its tasks keyed ``tasks.<index>``, so that a difference names the task and key."""
+    plain = _plain(description)
+    return {**plain, "tasks": {str(t.get("index", i)): t for i, t in enumerate(plain.get("tasks", []))}}
 
 
 _CHECKPOINT_KEYS = frozenset({"config_hash", "config", "stream", "task_index", "method", "results", "task_costs"})
@@ -682,6 +714,21 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
         for task in stream
     ]
     return {"name": stream.name, "metadata": stream.metadata, "tasks": tasks}
+
+
+def stream_fingerprint(stream: Stream) -> str:
+    """SHA-256 of the stream as built: :func:`describe_stream` (task names, classes, class names, sizes) and every
+    task's label sequence (train and test) where the data stores it, so a resumed run can tell that the data behind
+    ``--out`` changed. Labels that only loading every image would give are left to the description (no decoding)."""
+    digest = hashlib.sha256(json.dumps(describe_stream(stream), sort_keys=True, default=str).encode())
+    for task in stream:
+        for split in (task.train, task.test):
+            try:
+                labels = stored_targets(split)
+            except (TypeError, ValueError):  # labels that are not one integer per image
+                labels = None
+            digest.update(b"-" if labels is None else np.ascontiguousarray(labels).tobytes())
+    return digest.hexdigest()
 
 
 def _cumulative_flops(task_costs: list[dict[str, Any]]) -> int | None:

@@ -76,12 +76,19 @@ class LabelMapped(Dataset[tuple[Any, int]]):
 
 def dataset_targets(dataset: Dataset[Any]) -> np.ndarray:
     """Integer labels of a map-style dataset, read from ``targets`` / ``labels`` when present (no image decoding)."""
-    stored = _stored_targets(dataset)
+    stored = stored_targets(dataset)
     if stored is not None:
         return stored
-    if isinstance(dataset, LabelMapped) and (inner := _stored_targets(dataset.dataset)) is not None:
-        return np.asarray([dataset.label_map[int(label)] for label in inner[dataset.indices]], dtype=np.int64)
     return np.asarray([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)  # type: ignore[arg-type]
+
+
+def stored_targets(dataset: Dataset[Any]) -> np.ndarray | None:
+    """Integer labels the dataset stores (``targets``, ``labels``, ImageFolder's ``samples``...), or None where only
+    loading every item would tell them."""
+    stored = _stored_targets(dataset)
+    if stored is None and isinstance(dataset, LabelMapped) and (inner := _stored_targets(dataset.dataset)) is not None:
+        stored = np.asarray([dataset.label_map[int(label)] for label in inner[dataset.indices]], dtype=np.int64)
+    return stored
 
 
 def _stored_targets(dataset: Dataset[Any]) -> np.ndarray | None:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from cil.engine import Engine, make_trainer_factory
+from cil.engine import Engine, describe_stream, make_trainer_factory, stream_fingerprint
 from cil.method import FeatureFn
 from cil.task import Task
 from methods.finetune import Finetune
@@ -138,6 +138,54 @@ def test_resume_never_runs_code_from_the_run_directory(planted: str, tmp_path: P
         run(out, stream=tiny_stream(increment=5), resume=True)
     assert "\n" not in str(refused.value) and "delete it" in str(refused.value)
     assert not marker.exists()
+
+
+def test_a_second_writer_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    """The run directory's lock is held by another process (as a second `cil run` would find it): refused in one
+    line, nothing of the run written; once that process is gone, the run goes ahead."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(60)",
+            str(tmp_path / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FileExistsError, match="another cil run is writing") as refused:
+            run(tmp_path, stream=tiny_stream(increment=5))
+        assert "\n" not in str(refused.value)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    run(tmp_path, stream=tiny_stream(increment=5))  # the kernel released the lock with its process
+    assert (tmp_path / "summary.json").is_file()
+
+
+def test_resume_refuses_a_changed_stream_and_names_the_change(tmp_path: Path) -> None:
+    run(tmp_path, stream=tiny_stream(increment=5))
+    (tmp_path / "checkpoints" / "task_001.ckpt").unlink()  # stopped during the last task
+    changed = tiny_stream(increment=5, train_per_class=39)  # one image fewer per class, as if files were removed
+    with pytest.raises(ValueError, match=r"stream changed.*tasks\.1\.n_train"):
+        run(tmp_path, stream=changed, resume=True)
+    run(tmp_path, stream=tiny_stream(increment=5), resume=True)  # the original stream resumes
+
+
+def test_the_stream_fingerprint_sees_relabelled_images_that_the_description_does_not() -> None:
+    stream, relabelled = tiny_stream(increment=5), tiny_stream(increment=5)
+    first = relabelled.tasks[0].train
+    first.indices[0], first.indices[1] = first.indices[1], first.indices[0]  # two images of different classes swap
+    assert describe_stream(stream) == describe_stream(relabelled)
+    assert stream_fingerprint(stream) != stream_fingerprint(relabelled)
+    assert stream_fingerprint(stream) == stream_fingerprint(tiny_stream(increment=5))
 
 
 def test_keep_checkpoints(tmp_path: Path) -> None:
