@@ -43,7 +43,14 @@ from cil.data import DataConfig, Transformed, build_transform, make_loader
 from cil.flops import flop_counter
 from cil.method import CILMethod, method_registry_name
 from cil.metrics import TaskAccuracy
-from cil.results import RESULT_COLUMNS, accuracy_matrix, atomic_torch_save, atomic_write_text, summarize
+from cil.results import (
+    RESULT_COLUMNS,
+    accuracy_matrix,
+    atomic_torch_save,
+    atomic_write_text,
+    content_sha256,
+    summarize,
+)
 from cil.retention import retention_accuracy
 from cil.stream import Stream
 from cil.task import Task, stored_targets
@@ -340,6 +347,9 @@ class Engine:
                 self._run_task(task)
             except (Interrupted, SIGTERMException) as error:  # SIGTERMException: Lightning's, if nobody else handles it
                 raise self._interrupted(task, error) from None
+        if start == len(self.stream) > 0 and is_rank_zero():
+            log.info("%s: every task is finished; rebuilding its results files from the last checkpoint", self.out)
+            self._write_results()  # a finished run resumed: restores results files deleted since it ended
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
@@ -531,6 +541,11 @@ class Engine:
     # ---- run directory ---------------------------------------------------------------------------------------
     def _write(self, task: Task) -> None:
         """Results first, checkpoint last: the checkpoint marks the task as finished."""
+        self._write_results()
+        self._write_checkpoint(task)
+
+    def _write_results(self) -> None:
+        """``results.csv``, ``tasks.csv``, ``accuracy_matrix.csv`` and ``summary.json``, from the results held."""
         results = pd.DataFrame(self.results, columns=RESULT_COLUMNS)
         atomic_write_text(self.out / "results.csv", results.to_csv(index=False))
         atomic_write_text(self.out / "tasks.csv", pd.DataFrame(self.task_costs).to_csv(index=False))
@@ -541,7 +556,10 @@ class Engine:
         )
         atomic_write_text(self.out / "accuracy_matrix.csv", matrix.to_csv(float_format="%.4f"))
         atomic_write_text(self.out / "summary.json", json.dumps(self.summary(), indent=2))
-        state = {
+
+    def _write_checkpoint(self, task: Task) -> None:
+        """The state after ``task``, with the SHA-256 of its content (see :func:`cil.results.content_sha256`)."""
+        state: dict[str, Any] = {
             "config_hash": self.config_hash,
             "config": self.config,
             "stream": self.stream.name,
@@ -552,6 +570,7 @@ class Engine:
             "results": self.results,
             "task_costs": self.task_costs,
         }
+        state[_CHECKSUM_KEY] = content_sha256(state)
         atomic_torch_save(state, self._checkpoint_path(task.index))
         if self.keep_checkpoints > 0:
             for old in self._checkpoints()[: -self.keep_checkpoints]:
@@ -622,6 +641,7 @@ class Engine:
                 f"{str(path)!r} is not a cil checkpoint (expected the keys {sorted(_CHECKPOINT_KEYS)}); "
                 "delete it to resume from the one before"
             )
+        self._verify_checksum(path, state)
         if state.get("config_hash") != self.config_hash:
             changed = _changed_keys(state.get("config", {}), self.config)
             raise ValueError(
@@ -647,6 +667,19 @@ class Engine:
         log.info("resuming %s after task %d of %d", self.out, start, len(self.stream))
         return start
 
+    @staticmethod
+    def _verify_checksum(path: Path, state: dict[str, Any]) -> None:
+        """Refuses a checkpoint whose content is not what was written (a flipped bit in a tensor loads silently);
+        removes the checksum from ``state``. Checkpoints written before checksums load with a warning."""
+        stored = state.pop(_CHECKSUM_KEY, None)
+        if stored is None:
+            log.warning("%s predates checkpoint checksums: its content is not verified", path)
+        elif stored != content_sha256(state):
+            raise ValueError(
+                f"checkpoint {str(path)!r} is corrupt: its content does not match the SHA-256 it was written with; "
+                "delete it to resume from the one before"
+            )
+
 
 def _plain(value: Any) -> Any:
     """``value`` as JSON gives it back (tuples as lists, other objects as strings), to compare with a checkpoint."""
@@ -660,6 +693,7 @@ def _by_task(description: dict[str, Any]) -> dict[str, Any]:
 
 
 _CHECKPOINT_KEYS = frozenset({"config_hash", "config", "stream", "task_index", "method", "results", "task_costs"})
+_CHECKSUM_KEY = "sha256"  # a checkpoint's entry holding the SHA-256 of all its other entries
 
 
 @contextlib.contextmanager

@@ -10,17 +10,21 @@ Run directory contract (later tools rely on these names)::
     OUT/accuracy_matrix.csv   R[i, j] in percent (rows: after training task i, columns: task j)
     OUT/summary.json          the headline metrics, see :func:`summarize`
     OUT/checkpoints/task_{i:03d}.ckpt
+                              the state after task i, with the SHA-256 of its content (:func:`content_sha256`)
     OUT/logs/                 Lightning logger output, one version per task
+
+Every file is written atomically (:func:`atomic_write_bytes`) with the mode ``open(path, "w")`` would give it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ __all__ = [
     "accuracy_matrix",
     "atomic_write_bytes",
     "atomic_write_text",
+    "content_sha256",
     "find_runs",
     "load_runs",
     "load_summaries",
@@ -63,9 +68,10 @@ RESULT_COLUMNS = [
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Writes ``data`` to a temporary file beside ``path`` and renames it into place, so readers and crashes
-    only ever see the old or the new file, never half of one."""
+    only ever see the old or the new file, never half of one. The file gets the mode ``open(path, "w")`` would
+    give it (0o666 less the umask), so a group that shares the run directory can read the results."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -73,8 +79,18 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new temporary file beside ``path``, opened for writing. Created with mode 0o666 for the kernel to apply
+    the umask, as ``open`` does: ``tempfile.mkstemp`` makes it 0o600, and reading the umask with ``os.umask`` sets
+    it for a moment under every other thread. ``O_EXCL`` keeps mkstemp's guarantee that the file is new; its 64
+    random bits make a clash with another writer's temporary file (then a FileExistsError) practically impossible.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -87,6 +103,45 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def content_sha256(value: Any) -> str:
+    """SHA-256 of a checkpoint's content as ``torch.load`` gives it back: every tensor's dtype, shape and bytes,
+    and the type and ``repr`` of every other value, walked in order (sets sorted: their order changes per process).
+
+    The engine stores it inside the checkpoint it covers (the ``sha256`` entry) and checks it on resume, because
+    ``torch.load`` reads a flipped byte in a tensor's storage without complaint. Inside, not beside: the checkpoint
+    stays one file that is written atomically, that ``torch.load`` reads as before and that carries its checksum
+    wherever it is copied, so no crash or copy can leave a checkpoint and its checksum disagreeing. The digest
+    covers what is loaded, not the file's bytes, so it is the same before ``torch.save`` and after ``torch.load``.
+    """
+    digest = hashlib.sha256()
+    for chunk in _content_chunks(value):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _content_chunks(value: Any) -> Iterator[bytes | memoryview]:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        yield f"tensor {tensor.dtype} {tuple(value.shape)}\n".encode()
+        yield tensor.view(torch.uint8).numpy().data  # the raw bytes, not copied
+    elif isinstance(value, np.ndarray):
+        yield f"ndarray {value.dtype} {value.shape}\n".encode()
+        yield np.ascontiguousarray(value).tobytes()
+    elif isinstance(value, dict):
+        yield f"dict {len(value)}\n".encode()
+        for key, item in value.items():
+            yield from _content_chunks(key)
+            yield from _content_chunks(item)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        yield f"{type(value).__name__} {len(value)}\n".encode()
+        for item in sorted(value, key=repr) if isinstance(value, (set, frozenset)) else value:
+            yield from _content_chunks(item)
+    else:
+        yield f"{type(value).__name__} {value!r}\n".encode()
 
 
 def accuracy_matrix(results: pd.DataFrame, num_tasks: int | None = None) -> np.ndarray:
