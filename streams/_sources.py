@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cil.data import ArrayDataset, image_folder
+from cil.data import ArrayDataset, image_folder, warn_duplicates
 from cil.task import dataset_targets
 
 __all__ = ["OFFLINE_SOURCES", "SourceData", "missing", "read_source"]
@@ -161,18 +161,26 @@ def _torchvision(source: dict[str, Any], path: Path, download: bool) -> SourceDa
 
 
 def _image_folder(source: dict[str, Any], path: Path, download: bool) -> SourceData:
-    """``path/{train,test[,val]}/<class>/`` (official split) or ``path/<class>/`` (none)."""
+    """``path/{train,test[,val]}/<class>/`` (official split) or ``path/<class>/`` (none), read by
+    :class:`cil.data.ImageFolderDataset` (hidden entries skipped, directory symlinks inside classes not followed).
+
+    Byte-identical files that the split could put on both sides (any two in a root without an official split; a
+    val / test file and a train file otherwise) are counted and logged as one warning
+    (:func:`cil.data.warn_duplicates`).
+    """
     splits = {name: path / name for name in ("train", "val", "test") if (path / name).is_dir()}
     if "train" not in splits:
         data = image_folder(path)
-        return SourceData(train=data, class_names=list(data.classes), labels={"train": dataset_targets(data)})  # type: ignore[attr-defined]
+        warn_duplicates({"all": [file for file, _ in data.samples]}, path)
+        return SourceData(train=data, class_names=list(data.classes), labels={"train": dataset_targets(data)})
     if "test" not in splits:
         raise FileNotFoundError(f"{str(path)!r} has train/ but no test/; add test/<class>/ folders or merge them")
     folders = {name: image_folder(folder) for name, folder in splits.items()}
-    classes = list(folders["train"].classes)  # type: ignore[attr-defined]
+    classes = list(folders["train"].classes)
     for name, data in folders.items():
-        if list(data.classes) != classes:  # type: ignore[attr-defined]
+        if list(data.classes) != classes:
             raise ValueError(f"{str(splits[name])!r} has other class folders than {str(splits['train'])!r}")
+    warn_duplicates({name: [file for file, _ in data.samples] for name, data in folders.items()}, path)
     return SourceData(
         train=folders["train"],
         test=folders["test"],

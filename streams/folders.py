@@ -5,7 +5,9 @@ These are the papers' settings (CIFAR-100 B0-Inc10, ImageNet-R B0-Inc20, ...) fo
 
 from __future__ import annotations
 
-from cil.data import image_folder, torchvision_dataset
+import os
+
+from cil.data import image_folder, torchvision_dataset, warn_duplicates
 from cil.stream import Stream, register_stream
 from cil.task import class_incremental_split
 
@@ -55,10 +57,12 @@ def image_folder_split(
     """Two ``ImageFolder`` roots (``train_root/<class>/*.jpg``, ``test_root/<class>/*.jpg``) split by class.
 
     Both roots must have the same class folders (ImageNet-R / ImageNet-A as PILOT prepares them).
-    ``dataset_name`` names the stream and its tasks in the results.
+    ``dataset_name`` names the stream and its tasks in the results. Hidden entries are skipped and directory symlinks
+    inside class folders are not followed (:class:`cil.data.ImageFolderDataset`); test files byte-identical to
+    training files are counted and logged as one warning (:func:`cil.data.warn_duplicates`).
     """
     train, test = image_folder(train_root), image_folder(test_root)
-    train_classes, test_classes = list(train.classes), list(test.classes)  # type: ignore[attr-defined]
+    train_classes, test_classes = list(train.classes), list(test.classes)
     if train_classes != test_classes:
         only_train = sorted(set(train_classes) - set(test_classes))[:5]
         only_test = sorted(set(test_classes) - set(train_classes))[:5]
@@ -66,6 +70,8 @@ def image_folder_split(
             f"{train_root!r} and {test_root!r} must have the same class folders (only in train: {only_train}, "
             f"only in test: {only_test})"
         )
+    splits = {"train": [path for path, _ in train.samples], "test": [path for path, _ in test.samples]}
+    warn_duplicates(splits, os.path.commonpath([os.path.abspath(train.root), os.path.abspath(test.root)]))
     tasks = class_incremental_split(
         train,
         test,
