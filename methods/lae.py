@@ -20,10 +20,13 @@ Each step also records the online-only, offline-only and ensemble accuracy over 
 (``tasks.csv``: ``online_acc``, ``offline_acc``, ``ensemble_acc``), so one run compares the three. After the first
 task the offline module does not exist yet, and all three are the online model (as ``inference: offline`` is).
 
-Departures: the adapter uses ReLU and a fixed output scale of 1 (theirs: GELU and a learned scalar initialised at
-1); LoRA's scale is fixed at ``alpha / rank = 1`` (theirs: learned, init 1); prefixes start from our uniform init and
-have no learned scale and no attention compensation (theirs rescale the prefix attention weights); the linear head's
-new rows start from N(0, 0.001) as theirs. The learning rate is theirs for batch 24 (``0.03 x 24 / 256`` on CIFAR);
+PET modules as the authors' code builds them (``libml/model/pet``): the adapter is ``up(GELU(down(h)))`` times a
+scalar learned from 1, LoRA's update on K and on V each has a scalar learned from ``alpha / rank = 1``
+(``pet_options: {activation: relu, learn_scale: false}`` / ``{learn_scale: false}`` give AdaptFormer's fixed-scale
+ReLU adapter and plain LoRA instead). Departure: prefixes start from our uniform init and have no learned scale and
+no attention compensation (theirs rescale the prefix attention weights). The linear head's new rows start from
+N(0, 0.001) as theirs. ``benchmarks/reference/lae_side_by_side.py`` runs their code beside this one
+(``docs/reproduction.md``). The learning rate is theirs for batch 24 (``0.03 x 24 / 256`` on CIFAR);
 scale it with the batch size if you change ``data.batch_size``. Inputs come from the engine, not from their
 pipeline: theirs are [0, 1] pixels without normalisation (``main.py`` builds ``build_imagenet_transform(norm=False)``),
 random-resized crops of scale (0.08, 1) for training and Resize(256) + CenterCrop(224) for testing
@@ -54,8 +57,15 @@ from cil.task import Task
 __all__ = ["LAE", "ema_update"]
 
 _PET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adapter": {"bottleneck": 5, "scale": 1.0, "dropout": 0.0, "position": "attn"},
-    "lora": {"rank": 5, "alpha": 5.0, "targets": ("k", "v")},
+    "adapter": {
+        "bottleneck": 5,
+        "scale": 1.0,
+        "dropout": 0.0,
+        "position": "attn",
+        "activation": "gelu",
+        "learn_scale": True,
+    },
+    "lora": {"rank": 5, "alpha": 5.0, "targets": ("k", "v"), "learn_scale": True},
     "prefix": {"length": 10},
 }
 _INFERENCE = ("ensemble", "online", "offline")

@@ -50,6 +50,43 @@ def test_offline_module_is_born_after_the_first_task_and_follows_every_step() ->
     torch.testing.assert_close(method.offline, torch.full_like(method.offline, 0.25 * 2.0 + 0.75 * 4.0))
 
 
+def test_the_pet_modules_compute_the_authors_formulas_with_learned_scales() -> None:
+    """gqk/LAE ``libml/model/pet``: adapter ``attn(h) + s * up(GELU(down(h)))``; KVLoRA ``W_kv + s_kv B_kv A_kv``;
+    every ``s`` a parameter from 1, trained and averaged into the offline module with the rest."""
+    from cil.layers._adapter import MLPWithAdapter
+
+    adapter_lae = _lae(pet="adapter")
+    wrapped = adapter_lae.backbone.model.blocks[0].attn
+    assert isinstance(wrapped, MLPWithAdapter)
+    adapter = wrapped.adapter
+    assert isinstance(adapter.scale, torch.nn.Parameter) and float(adapter.scale) == 1.0
+    with torch.no_grad():
+        adapter.up.weight.normal_()
+        adapter.scale.fill_(0.5)
+    h = torch.randn(2, 3, adapter.down.in_features)
+    expected = 0.5 * adapter.up(torch.nn.functional.gelu(adapter.down(h)))
+    torch.testing.assert_close(wrapped(h) - wrapped.base(h), expected)
+    blocks = len(adapter_lae.backbone.model.blocks)  # all of the tiny ViT's (fewer than 5)
+    assert adapter_lae.online.numel() == sum(p.numel() for p in adapter.parameters()) * blocks  # scales included
+
+    lora_lae = _lae(pet="lora")
+    qkv = lora_lae.backbone.model.blocks[0].attn.qkv
+    assert isinstance(qkv, LoRALinear) and sorted(qkv.lora_scale) == ["k", "v"]
+    dim = qkv.base.in_features
+    with torch.no_grad():
+        for name, value in (("k", 2.0), ("v", -1.0)):
+            qkv.lora_B[name].normal_()
+            qkv.lora_scale[name].fill_(value)
+    x = torch.randn(4, dim)
+    delta = torch.cat(
+        [torch.zeros(dim, dim)] + [s * qkv.lora_B[n] @ qkv.lora_A[n] for n, s in (("k", 2.0), ("v", -1.0))]
+    )
+    torch.testing.assert_close(qkv(x), x @ (qkv.base.weight + delta).T + qkv.base.bias, rtol=1e-4, atol=1e-4)
+    plain = _lae(pet="adapter", pet_options={"activation": "relu", "learn_scale": False})  # AdaptFormer's
+    assert plain.backbone.model.blocks[0].attn.adapter.scale == 1.0
+    assert plain.online.numel() == adapter_lae.online.numel() - blocks
+
+
 def test_ensemble_takes_the_elementwise_max_of_the_two_softmaxes() -> None:
     online = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]]).log()
     offline = torch.tensor([[0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]).log()

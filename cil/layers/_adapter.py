@@ -17,25 +17,42 @@ from torch import nn
 
 from cil.layers._base import PEFTModule, vit_blocks
 
+_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU}
+
 
 class Adapter(PEFTModule):
-    """``up(dropout(relu(down(h)))) * scale``, ``[B, N, D] -> [B, N, D]``."""
+    """``up(dropout(act(down(h)))) * scale``, ``[B, N, D] -> [B, N, D]``.
+
+    AdaptFormer (APER, MOS): ReLU and a fixed ``scale``. LAE's code: GELU and a ``scale`` learned from 1
+    (``activation="gelu", learn_scale=True``).
+    """
 
     kind = "adapter"
 
-    def __init__(self, dim: int, bottleneck: int = 64, scale: float = 0.1, dropout: float = 0.1) -> None:
+    def __init__(
+        self,
+        dim: int,
+        bottleneck: int = 64,
+        scale: float = 0.1,
+        dropout: float = 0.1,
+        activation: str = "relu",
+        learn_scale: bool = False,
+    ) -> None:
         super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"adapter activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
         self.down = nn.Linear(dim, bottleneck)
+        self.act = _ACTIVATIONS[activation]()
         self.up = nn.Linear(bottleneck, dim)
         self.dropout = nn.Dropout(dropout)
-        self.scale = scale
+        self.scale: float | nn.Parameter = nn.Parameter(torch.tensor(float(scale))) if learn_scale else scale
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.up(self.dropout(torch.relu(self.down(h)))) * self.scale
+        return self.up(self.dropout(self.act(self.down(h)))) * self.scale
 
 
 class MLPWithAdapter(PEFTModule):
@@ -85,9 +102,11 @@ def inject_adapter(
     scale: float = 0.1,
     dropout: float = 0.1,
     position: str = "mlp",
+    activation: str = "relu",
+    learn_scale: bool = False,
 ) -> list[PEFTModule]:
     """Puts an adapter beside the MLP (``position="mlp"``, AdaptFormer; APER uses bottleneck 64, MOS 16) or beside
-    the attention (``position="attn"``, as LAE's code) of each chosen block."""
+    the attention (``position="attn"``, as LAE's code) of each chosen block; see :class:`Adapter` for the rest."""
     slots = {"mlp": ("mlp", "norm2", "ls2"), "attn": ("attn", "norm1", "ls1")}
     if position not in slots:
         raise ValueError(f"adapter position must be 'mlp' or 'attn', got {position!r}")
@@ -98,7 +117,9 @@ def inject_adapter(
         dim = getattr(block, norm).normalized_shape[0]
         layer_scaled = not isinstance(getattr(block, layer_scale), nn.Identity)
         wrapped = MLPWithAdapter(
-            getattr(block, branch), Adapter(dim, bottleneck, scale, dropout), after_layer_scale=layer_scaled
+            getattr(block, branch),
+            Adapter(dim, bottleneck, scale, dropout, activation, learn_scale),
+            after_layer_scale=layer_scaled,
         )
         setattr(block, branch, wrapped)
         if layer_scaled:

@@ -28,6 +28,8 @@ class LoRALinear(PEFTModule):
 
     ``gated=True`` adds CoDyRA's learnable gate ``w_t`` per rank (initialised ``N(0, 1)`` as in the authors' code);
     :meth:`soft_threshold_` prunes it and :meth:`active_ranks` counts what survives. Without gates ``w_t = 1``.
+    ``learn_scale=True`` learns ``scale`` per slice from ``alpha / rank`` (LAE's code: one learned scalar each for K
+    and V, from 1).
     """
 
     kind = "lora"
@@ -40,6 +42,7 @@ class LoRALinear(PEFTModule):
         alpha: float = 8.0,
         dropout: float = 0.0,
         gated: bool = False,
+        learn_scale: bool = False,
     ) -> None:
         super().__init__()
         self.base = base
@@ -50,6 +53,7 @@ class LoRALinear(PEFTModule):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_gate = nn.ParameterDict()
+        self.lora_scale = nn.ParameterDict()  # learned scales, when asked for
         for name, (start, stop) in self.slices.items():
             a = torch.empty(rank, base.in_features)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -57,7 +61,12 @@ class LoRALinear(PEFTModule):
             self.lora_B[name] = nn.Parameter(torch.zeros(stop - start, rank))  # [D_slice, r]
             if gated:
                 self.lora_gate[name] = nn.Parameter(torch.randn(rank))  # [r]
+            if learn_scale:
+                self.lora_scale[name] = nn.Parameter(torch.tensor(self.scale))  # []
         self.merged = False
+
+    def _scale(self, name: str) -> float | torch.Tensor:
+        return self.lora_scale.get(name, self.scale)
 
     def _down(self, name: str) -> torch.Tensor:
         """``diag(w) A``: the gated down-projection ``[r, D_in]``."""
@@ -68,7 +77,7 @@ class LoRALinear(PEFTModule):
         """The low-rank update as a full ``[D_out, D_in]`` matrix."""
         delta = self.base.weight.new_zeros(self.base.weight.shape)
         for name, (start, stop) in self.slices.items():
-            delta[start:stop] = self.lora_B[name] @ self._down(name) * self.scale
+            delta[start:stop] = self.lora_B[name] @ self._down(name) * self._scale(name)
         return delta
 
     @torch.no_grad()
@@ -91,7 +100,7 @@ class LoRALinear(PEFTModule):
         h = self.dropout(x)
         updates = [out]
         for name, (start, stop) in self.slices.items():
-            update = F.linear(F.linear(h, self._down(name)), self.lora_B[name]) * self.scale  # [..., D_slice]
+            update = F.linear(F.linear(h, self._down(name)), self.lora_B[name]) * self._scale(name)  # [..., D_slice]
             updates.append(F.pad(update, (start, out.shape[-1] - stop)))
         return torch.stack(updates).sum(0)
 
@@ -112,9 +121,11 @@ def inject_lora(
     alpha: float = 8.0,
     dropout: float = 0.0,
     gated: bool = False,
+    learn_scale: bool = False,
 ) -> list[PEFTModule]:
     """LoRA on ``targets`` of each chosen block: any of ``q``, ``k``, ``v`` (slices of ``attn.qkv``), ``proj``
-    (attention output), ``fc1``, ``fc2`` (MLP). ``gated``: a learnable gate per rank (CoDyRA)."""
+    (attention output), ``fc1``, ``fc2`` (MLP). ``gated``: a learnable gate per rank (CoDyRA); ``learn_scale``: a
+    learned scale per target (LAE)."""
     unknown = set(targets) - {*_QKV_SLICES, "proj", "fc1", "fc2"}
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}; choose from q, k, v, proj, fc1, fc2")
@@ -125,13 +136,13 @@ def inject_lora(
         if qkv_targets:
             dim = block.attn.qkv.out_features // 3
             slices = {t: (_QKV_SLICES[t] * dim, (_QKV_SLICES[t] + 1) * dim) for t in qkv_targets}
-            block.attn.qkv = LoRALinear(block.attn.qkv, slices, rank, alpha, dropout, gated)
+            block.attn.qkv = LoRALinear(block.attn.qkv, slices, rank, alpha, dropout, gated, learn_scale)
             injected.append(block.attn.qkv)
         mlp = unwrap(block.mlp)  # the MLP itself, also when an adapter sits beside it
         for name, parent in (("proj", block.attn), ("fc1", mlp), ("fc2", mlp)):
             if name in targets:
                 layer = getattr(parent, name)
-                wrapped = LoRALinear(layer, {"all": (0, layer.out_features)}, rank, alpha, dropout, gated)
+                wrapped = LoRALinear(layer, {"all": (0, layer.out_features)}, rank, alpha, dropout, gated, learn_scale)
                 setattr(parent, name, wrapped)
                 injected.append(wrapped)
     return injected
