@@ -29,6 +29,10 @@ equal ``cil``'s ``Backbone`` features to fp32 rounding on every test image.
 Both sides then learn the stream; per step, the ensemble (the reported number), online and offline accuracy over
 all seen test images are compared. Outputs under ``--out``: ``report.json``, ``table.md``, ``cil/`` (the run
 directory), ``exchange/`` (the inputs, LAE's logs and ``reference.pt``) and ``reference.log``.
+
+    python benchmarks/reference/lae_side_by_side.py table runs/reference/lae_adapter_seed*
+
+prints the mean and standard deviation over seeds of both sides.
 """
 
 from __future__ import annotations
@@ -130,7 +134,25 @@ def _markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def seed_table(runs: Sequence[Path]) -> str:
+    """Mean and sample standard deviation over runs (seeds) of each side's A-bar, A_last and per-step accuracy."""
+    reports = [json.loads((run / "report.json").read_text()) for run in runs]
+    lines = [f"{len(reports)} runs: " + ", ".join(str(run) for run in runs)]
+    for side in ("cil", "lae"):
+        for key in ("avg_incremental_acc", "last_acc"):
+            values = [r[side][key] for r in reports]
+            lines.append(f"{side:4s} {key:20s} {np.mean(values):6.2f} +- {np.std(values, ddof=1):5.2f}  {values}")
+        steps = np.array([r[side]["seen_accuracy"] for r in reports])
+        lines.append(f"{side:4s} per step (mean)      " + " ".join(f"{v:6.2f}" for v in steps.mean(axis=0)))
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "table":  # lae_side_by_side.py table runs/reference/lae_adapter_seed*
+        print(seed_table([Path(run) for run in argv[1:]]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lae", type=Path, required=True, help="an unmodified gqk/LAE checkout")
     parser.add_argument("--lae-python", type=Path, required=True, help="an interpreter with LAE's packages")
