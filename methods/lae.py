@@ -23,10 +23,12 @@ task the offline module does not exist yet, and all three are the online model (
 PET modules as the authors' code builds them (``libml/model/pet``): the adapter is ``up(GELU(down(h)))`` times a
 scalar learned from 1, LoRA's update on K and on V each has a scalar learned from ``alpha / rank = 1``
 (``pet_options: {activation: relu, learn_scale: false}`` / ``{learn_scale: false}`` give AdaptFormer's fixed-scale
-ReLU adapter and plain LoRA instead). Departure: prefixes start from our uniform init and have no learned scale and
-no attention compensation (theirs rescale the prefix attention weights). The linear head's new rows start from
-N(0, 0.001) as theirs. ``benchmarks/reference/lae_side_by_side.py`` runs their code beside this one
-(``docs/reproduction.md``). The learning rate is theirs for batch 24 (``0.03 x 24 / 256`` on CIFAR);
+ReLU adapter and plain LoRA instead); prefixes start from U(0, 0.01), keys and values each have a scalar learned
+from 1, and the attention on the prefix is renormalised to sum to 1 (``compensate``; see
+:class:`cil.layers.PrefixAttention`). The linear head's new rows start from N(0, 0.001) as theirs.
+``benchmarks/reference/lae_side_by_side.py`` runs their code beside this one (``docs/reproduction.md``).
+
+The learning rate is theirs for batch 24 (``0.03 x 24 / 256`` on CIFAR);
 scale it with the batch size if you change ``data.batch_size``. Inputs come from the engine, not from their
 pipeline: theirs are [0, 1] pixels without normalisation (``main.py`` builds ``build_imagenet_transform(norm=False)``),
 random-resized crops of scale (0.08, 1) for training and Resize(256) + CenterCrop(224) for testing
@@ -66,7 +68,7 @@ _PET_DEFAULTS: dict[str, dict[str, Any]] = {
         "learn_scale": True,
     },
     "lora": {"rank": 5, "alpha": 5.0, "targets": ("k", "v"), "learn_scale": True},
-    "prefix": {"length": 10},
+    "prefix": {"length": 10, "init_bounds": (0.0, 0.01), "learn_scale": True, "compensate": True},
 }
 _INFERENCE = ("ensemble", "online", "offline")
 

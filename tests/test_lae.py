@@ -87,6 +87,31 @@ def test_the_pet_modules_compute_the_authors_formulas_with_learned_scales() -> N
     assert plain.online.numel() == adapter_lae.online.numel() - blocks
 
 
+def test_the_prefix_is_lae_s_compensated_prefix_with_learned_scales() -> None:
+    """gqk/LAE ``Prefix``: keys and values prefixed (times learned scalars), softmax over all keys, then the weights
+    on the prefix divided by their sum; written out here with explicit matmuls."""
+    method = _lae(pet="prefix")
+    prefixed = method.backbone.model.blocks[0].attn
+    base: Any = prefixed.base
+    assert 0.0 <= float(prefixed.prefix_key.min()) and float(prefixed.prefix_key.max()) <= 0.01
+    with torch.no_grad():
+        prefixed.key_scale.fill_(3.0)
+        prefixed.value_scale.fill_(-2.0)
+        prefixed.prefix_key.normal_()
+    x = torch.randn(2, 5, base.head_dim * base.num_heads)
+    B, N, C = x.shape
+    H, d, P = base.num_heads, base.head_dim, prefixed.prefix_key.shape[0]
+    q, k, v = base.qkv(x).chunk(3, dim=-1)
+    k = torch.cat([3.0 * prefixed.prefix_key.expand(B, -1, -1), k], dim=1)
+    v = torch.cat([-2.0 * prefixed.prefix_value.expand(B, -1, -1), v], dim=1)
+    q, k, v = (t.reshape(B, -1, H, d).permute(0, 2, 1, 3) for t in (q, k, v))
+    weights = (q @ k.transpose(-2, -1) * d**-0.5).softmax(dim=-1)  # [B, H, N, P + N]
+    weights = torch.cat([weights[..., :P] / weights[..., :P].sum(-1, keepdim=True), weights[..., P:]], dim=-1)
+    expected = base.proj((weights @ v).transpose(1, 2).reshape(B, N, C))
+    prefixed.eval()
+    torch.testing.assert_close(prefixed(x), expected, rtol=1e-4, atol=1e-5)
+
+
 def test_ensemble_takes_the_elementwise_max_of_the_two_softmaxes() -> None:
     online = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]]).log()
     offline = torch.tensor([[0.1, 0.1, 0.8], [0.3, 0.3, 0.4]]).log()

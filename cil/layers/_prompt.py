@@ -29,19 +29,40 @@ from cil.layers._base import PEFTModule, vit_blocks
 
 
 class PrefixAttention(PEFTModule):
-    """timm ``Attention`` whose keys and values get ``length`` learned prefix tokens per head."""
+    """timm ``Attention`` whose keys and values get ``length`` learned prefix tokens per head.
+
+    Defaults: prefixes drawn from U(-1/sqrt(D), 1/sqrt(D)), used as they are. LAE's code (``libml/model/pet/prefix.py``)
+    instead draws them from U(0, 0.01) (``init_bounds=(0.0, 0.01)``), multiplies keys and values each by a scalar
+    learned from 1 (``learn_scale``) and *compensates* the attention (``compensate``): after the softmax over prefix and
+    token keys, the prefix weights are divided by their sum, so the prefix values enter as one weighted mean with the
+    full weight 1 while the tokens keep their softmax weights.
+    """
 
     kind = "prefix"
 
-    def __init__(self, base: nn.Module, length: int = 10) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        length: int = 10,
+        init_bounds: tuple[float, float] | None = None,
+        learn_scale: bool = False,
+        compensate: bool = False,
+    ) -> None:
         super().__init__()
         self.base = base
         attn: Any = base
         dim = int(attn.num_heads * attn.head_dim)
-        self.prefix_key = nn.Parameter(torch.zeros(length, dim))  # [P, D]
-        self.prefix_value = nn.Parameter(torch.zeros(length, dim))
-        nn.init.uniform_(self.prefix_key, -math.sqrt(1 / dim), math.sqrt(1 / dim))
-        nn.init.uniform_(self.prefix_value, -math.sqrt(1 / dim), math.sqrt(1 / dim))
+        low, high = init_bounds if init_bounds is not None else (-math.sqrt(1 / dim), math.sqrt(1 / dim))
+        self.prefix_key = nn.Parameter(torch.empty(length, dim).uniform_(low, high))  # [P, D]
+        self.prefix_value = nn.Parameter(torch.empty(length, dim).uniform_(low, high))
+        self.key_scale = nn.Parameter(torch.tensor(1.0)) if learn_scale else None
+        self.value_scale = nn.Parameter(torch.tensor(1.0)) if learn_scale else None
+        self.compensate = compensate
+
+    def _heads(self, prefix: torch.Tensor, scale: torch.Tensor | None, batch: int) -> torch.Tensor:
+        attn: Any = self.base
+        prefix = prefix if scale is None else prefix * scale
+        return prefix.view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
@@ -51,10 +72,21 @@ class PrefixAttention(PEFTModule):
         heads, head_dim = attn.num_heads, attn.head_dim
         q, k, v = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, N, d]
         q, k = attn.q_norm(q), attn.k_norm(k)
-        prefix_k = self.prefix_key.view(1, -1, heads, head_dim).transpose(1, 2).expand(B, -1, -1, -1)  # [B, H, P, d]
-        prefix_v = self.prefix_value.view(1, -1, heads, head_dim).transpose(1, 2).expand(B, -1, -1, -1)
+        prefix_k = self._heads(self.prefix_key, self.key_scale, B)  # [B, H, P, d]
+        prefix_v = self._heads(self.prefix_value, self.value_scale, B)
         k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)  # [B, H, P + N, d]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if self.training else 0.0)
+        dropout = attn.attn_drop.p if self.training else 0.0
+        if self.compensate:
+            weights = torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, dim=-1)  # [B, H, N, P + N]
+            weights = F.dropout(weights, dropout, self.training)
+            length = self.prefix_key.shape[0]
+            on_prefix = weights[..., :length]
+            weights = torch.cat(
+                [on_prefix / on_prefix.sum(-1, keepdim=True).clamp(min=1e-12), weights[..., length:]], -1
+            )
+            out = weights @ v  # [B, H, N, d]
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         out = attn.norm(out.transpose(1, 2).reshape(B, N, heads * head_dim))
         return attn.proj_drop(attn.proj(out))
 
@@ -96,12 +128,20 @@ class PromptedBlock(PEFTModule):
         return x
 
 
-def inject_prefix(model: nn.Module, blocks: list[int], length: int = 10) -> list[PEFTModule]:
-    """Learned key/value prefixes of ``length`` tokens in each chosen block's attention."""
+def inject_prefix(
+    model: nn.Module,
+    blocks: list[int],
+    length: int = 10,
+    init_bounds: tuple[float, float] | None = None,
+    learn_scale: bool = False,
+    compensate: bool = False,
+) -> list[PEFTModule]:
+    """Learned key/value prefixes of ``length`` tokens in each chosen block's attention (see :class:`PrefixAttention`
+    for the rest)."""
     injected: list[PEFTModule] = []
     for index in blocks:
         block: Any = vit_blocks(model)[index]
-        block.attn = PrefixAttention(block.attn, length)
+        block.attn = PrefixAttention(block.attn, length, init_bounds, learn_scale, compensate)
         injected.append(block.attn)
     return injected
 
