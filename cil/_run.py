@@ -11,6 +11,7 @@ parser's loader (``parser_mode="cil"``: OmegaConf's loader plus this rewrite).
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import io
@@ -19,10 +20,13 @@ import logging
 import re
 import sys
 import textwrap
+import typing
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import jsonargparse
+import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -30,10 +34,10 @@ from cil._distributed import is_rank_zero
 from cil.backbones import Backbone
 from cil.cli import RUN_OPTIONS
 from cil.data import DataConfig
-from cil.engine import Engine, make_trainer_factory
+from cil.engine import MAX_SEED, Engine, make_trainer_factory
 from cil.method import CILMethod, list_methods, method_class, method_registry_name
 from cil.results import accuracy_matrix
-from cil.stream import build_stream, list_streams
+from cil.stream import _STREAMS, build_stream, list_streams
 
 __all__ = ["CILCLI", "method_class_path", "resolve_method", "run_one"]
 
@@ -63,9 +67,37 @@ class CILCLI(LightningCLI):
         for name, _, kind, default, text in RUN_OPTIONS:
             parser.add_argument(f"--{name}", type=kind, default=default, help=text)
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        seed = self.config.get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool) and not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed_everything must be between 0 and {MAX_SEED} (numpy's seed range), got {seed}")
+
     def instantiate_classes(self) -> None:
+        _check_backbone_checkpoint(self.config["backbone"].get("checkpoint_path"))
         self.config_init = self.parser.instantiate(self.config)
         self.model = self.config_init["method"]
+
+
+def _check_backbone_checkpoint(path: str | None) -> None:
+    """Refuses a ``backbone.checkpoint_path`` that torch cannot read (a text file, a truncated download) in one line,
+    before the backbone is built. Reads tensors lazily (safetensors' header, a memory-mapped ``torch.save`` file)."""
+    if not path or not Path(path).is_file():
+        return  # none, or a missing file that the backbone reports
+    try:
+        if Path(path).suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt"):
+                pass
+        else:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ValueError(
+            f"backbone.checkpoint_path {path!r} is not a checkpoint torch can read ({type(error).__name__}: "
+            f"{reason}); point it at a state dict saved with torch.save, or a .safetensors file"
+        ) from error
 
 
 # ---- method names ------------------------------------------------------------------------------------------------
@@ -154,6 +186,11 @@ def _check_config_method(path: str) -> None:
         config = yaml.safe_load(Path(path).read_text())
     except yaml.YAMLError:
         return  # jsonargparse reports it
+    if config is not None and not isinstance(config, dict):
+        raise ValueError(
+            f"config file {path!r} holds a YAML {type(config).__name__}, not a mapping of keys; write it as "
+            "`trainer: {...}`, `method: ...`, `stream: {...}` (configs/experiments/quickstart.yaml is an example)"
+        )
     method = config.get("method") if isinstance(config, dict) else None
     value = method.get("class_path") if isinstance(method, dict) else method
     if isinstance(value, str) and _PLAIN_NAME.match(value):
@@ -245,6 +282,9 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
             log.info("seed %d: %s is complete; checking that it was run with this config", sweep_seed, out)
     method = cli.config_init["method"]
     config["method_name"] = method_registry_name(method) or type(method).__name__.lower()
+    _check_stream_options(config["stream"], "stream")
+    if config.get("retention"):
+        _check_stream_options(config["retention"], "retention")
     stream = build_stream(config["stream"], seed=seed)
     trainer_kwargs = dict(cli.config_init["trainer"])
     trainer_kwargs.pop("logger", None)
@@ -273,6 +313,42 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
     print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, list)}, indent=2))
     print(f"\nRun directory: {out}")
     return 0
+
+
+def _check_stream_options(spec: Any, key: str) -> None:
+    """Each option of a stream spec against the type its factory declares (``increment: int``), so that ``increment:
+    two`` is one line naming ``stream.increment`` instead of a ``TypeError`` from inside the factory. Unknown names
+    and missing options are left to :func:`cil.stream.build_stream`, which lists the valid ones."""
+    if not isinstance(spec, dict):
+        raise ValueError(f"{key} must be a mapping such as {{name: sklearn_digits, increment: 2}}, got {spec!r}")
+    if "name" not in spec:
+        return
+    factory = _STREAMS.get(str(spec["name"]))
+    try:
+        hints = typing.get_type_hints(factory)
+    except Exception:  # annotations that do not resolve: the factory checks its own arguments
+        return
+    for option, value in spec.items():
+        hint = hints.get(option)
+        if option == "name" or hint is None:
+            continue
+        parser = jsonargparse.ArgumentParser(exit_on_error=False)
+        try:
+            parser.add_argument(f"--{option}", type=hint)
+        except Exception:  # a type jsonargparse cannot check
+            continue
+        try:
+            parser.parse_object({option: value})
+        except argparse.ArgumentError:
+            shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+            raise ValueError(
+                f"{key}.{option} must be {_type_name(hint)} (stream {spec['name']!r}), got {shown}"
+            ) from None
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``list[int] | None``: a type as it is written in code."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("NoneType", "None")
 
 
 def _complete(out: Path) -> bool:

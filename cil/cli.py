@@ -6,13 +6,16 @@ takes the trainer, backbone, method, stream and data settings from YAML and dott
 ``--seeds 1993 1994 1995`` runs the experiment once per seed into ``OUT/seed_<seed>``, skipping finished seeds and
 resuming interrupted ones. Methods are named as registered (``--method simplecil``) or by class path.
 
-This module imports neither torch nor Lightning: the analysis commands and ``--help`` answer at once, and
-``cil run`` re-executes itself with tuned malloc settings before importing them (see :mod:`cil._run`).
+This module imports neither torch nor Lightning: the analysis commands and ``--help`` answer at once, and only
+``cil run`` imports them (see :mod:`cil._run`). Before that, ``cil run`` checks that ``methods`` and ``streams`` are
+the packages installed beside ``cil``: ``python -m cil.cli`` puts the current directory first on ``sys.path``, where a
+``methods.py`` would otherwise be imported, and run, in their place.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -31,7 +34,7 @@ __all__ = ["CILCLI", "main"]
 
 log = logging.getLogger(__name__)
 
-_USER_ERRORS = (FileNotFoundError, FileExistsError, KeyError, ValueError, argparse.ArgumentError)
+_USER_ERRORS = (OSError, KeyError, ValueError, argparse.ArgumentError)  # OSError: FileNotFoundError, ...
 _SPECIFIC_PARSER_ERRORS = ("not accepted", "does not accept", "unrecognized", "required", "No action", "Not a valid")
 
 _USAGE = """\
@@ -182,12 +185,12 @@ def summarize(args: list[str]) -> int:
     parser.add_argument("runs", nargs="+", help="run directories written by `cil run --out`")
     parser.add_argument("--format", choices=["text", "csv"], default="text")
     options = parser.parse_args(args)
+    load_runs(options.runs)  # every results.csv readable, before a line of the table is printed
     table = load_summaries(options.runs)
     columns = ["run", "method", "stream", "seed", "finished_tasks", "num_tasks", "avg_incremental_acc", "last_acc"]
     columns += ["avg_forgetting", "bwt", "wall_s", "trainable_params"]
     table = table[[c for c in columns if c in table.columns]]
     print(table.to_csv(index=False) if options.format == "csv" else table.to_string(index=False))
-    load_runs(options.runs)  # validates that every results.csv is readable
     return 0
 
 
@@ -270,12 +273,20 @@ def _one_line(error: BaseException) -> str:
     """The line of an error that says what to fix (jsonargparse reports nested config errors on many lines)."""
     text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
     original = text
+    worker = _worker_error(text)
+    if worker is not None:
+        return worker
     cause = re.search(r"Errors:\s*(.*?)\s*(?:Expected a|Given value|$)", text, flags=re.S)
     if cause and cause.group(1).strip(
         " -\n"
     ):  # union errors embed the whole namespace (a model's repr): keep the cause
         text = cause.group(1)
-    lines = [line.strip(" -") for line in text.splitlines() if line.strip(" -")]
+    elif isinstance(error, argparse.ArgumentError):
+        union = _union_error(text)
+        if union is not None:
+            return f"{union} (`cil run --help` lists the options)"
+    lines = [_BULLET.sub("", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
     if isinstance(error, argparse.ArgumentError):
         specific = [line for line in lines if any(marker in line for marker in _SPECIFIC_PARSER_ERRORS)]
         if not specific and 'key "method"' in original:
@@ -284,6 +295,41 @@ def _one_line(error: BaseException) -> str:
             return f"method.class_path must name a method: {', '.join(list_methods())}, or a CILMethod class path"
         return f"{(specific or lines or [text])[-1]} (`cil run --help` lists the options)"
     return " ".join(lines)
+
+
+_BULLET = re.compile(r"^\s*- ")  # jsonargparse's list bullets; a value's own minus sign (`-5 is not ...`) stays
+
+
+def _union_error(text: str) -> str | None:
+    """``KEY: VALUE is not accepted; expected one of A, B or null`` for a value that matches none of the types of a
+    union (jsonargparse lists each type's failure without saying which values are valid)."""
+    key = re.search(r'Parser key "([^"]+)"', text)
+    given = re.search(r"^\s*Given value: (.*)$", text, flags=re.M)
+    subtypes = re.search(r"^\s*Subtypes: \[(.*)\]\s*$", text, flags=re.M)
+    if not (key and given and subtypes):
+        return None
+    choices: list[str] = []
+    for literal in re.findall(r"Literal\[([^\]]*)\]", subtypes.group(1)):
+        choices += [value.strip().strip("'\"") for value in literal.split(",")]
+    others = re.sub(r"(?:typing\.)?Literal\[[^\]]*\],?\s*", "", subtypes.group(1))
+    others = re.sub(r"<class '(?:[\w]+\.)*(\w+)'>", r"\1", others).replace("typing.", "")
+    kinds = ["null" if kind == "NoneType" else kind for kind in (k.strip() for k in others.split(", ")) if kind]
+    expected = ([f"one of {', '.join(dict.fromkeys(choices))}"] if choices else []) + kinds
+    return f"{key.group(1)}: {given.group(1)!r} is not accepted; expected {' or '.join(expected)}"
+
+
+def _worker_error(text: str) -> str | None:
+    """The error a DataLoader worker raised, without the traceback that PyTorch puts into the message."""
+    if "Original Traceback (most recent call last):" not in text:
+        return None
+    lines = text.rsplit("Traceback (most recent call last):", 1)[1].splitlines()
+    exception = [i for i, line in enumerate(lines) if line and not line[0].isspace()]  # frames are indented
+    if not exception:
+        return None
+    message = " ".join(line.strip() for line in lines[exception[0] :] if line.strip())
+    message = re.sub(r"^[A-Za-z_][\w.]*(?::\s+|$)", "", message, count=1)  # `ValueError: `
+    process = re.search(r"in (DataLoader worker process \d+)", text)
+    return f"{message} (in {process.group(1)})" if process else message
 
 
 def _resume_command(args: list[str]) -> str:
@@ -309,6 +355,32 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # 0 workers is measured faster
 
 
+def _shadowing_package() -> str | None:
+    """Why ``methods`` or ``streams`` would not be the packages beside ``cil``, found without importing them.
+
+    ``cil run`` imports both by name; ``python -m cil.cli`` puts the current directory first on ``sys.path``, so a
+    ``methods.py`` or a ``streams/`` folder there would be imported (and its code run) in their place.
+    """
+    home = Path(__file__).resolve().parent.parent  # the folder holding the cil package
+    for name in ("methods", "streams"):
+        expected = home / name / "__init__.py"
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            return f"cannot find cil's {name!r} package (expected {str(expected)!r}); reinstall cil (pip install -e .)"
+        locations = list(spec.submodule_search_locations or [])
+        found = spec.origin if spec.origin not in (None, "namespace") else (locations[0] if locations else "?")
+        if spec.origin is None or Path(spec.origin).resolve() != expected.resolve():
+            return (
+                f"{str(found)!r} shadows cil's {name!r} package ({str(expected.parent)!r}): it is earlier on sys.path "
+                "(the current directory comes first with `python -m`) and would be imported instead; rename it, or "
+                "run cil from another directory"
+            )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``cil`` console script (``argv=None``) and of in-process calls (tests, notebooks)."""
     from cil._interrupt import Interrupted
@@ -321,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in commands:
         print(_USAGE, file=sys.stderr)
         return 2
+    if argv[0] == "run":
+        shadowing = _shadowing_package()
+        if shadowing is not None:
+            print(f"cil run: error: {shadowing}", file=sys.stderr)
+            return 1
     _quiet_lightning()
     try:
         return commands[argv[0]](argv[1:])

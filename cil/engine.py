@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import signal
 import time
@@ -27,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy
@@ -55,13 +57,16 @@ from cil.retention import retention_accuracy
 from cil.stream import Stream
 from cil.task import Task, stored_targets
 
-__all__ = ["Engine", "TrainerFactory", "config_hash", "describe_stream", "make_trainer_factory"]
+__all__ = ["MAX_SEED", "Engine", "TrainerFactory", "config_hash", "describe_stream", "make_trainer_factory"]
 
 log = logging.getLogger(__name__)
 
 TrainerFactory = Callable[[int, Sequence[Callback], dict[str, Any]], L.Trainer]
 """``factory(task_index, extra_callbacks, overrides) -> a fresh Trainer`` (one per task: a second ``fit`` on a used
 Trainer does not train again). ``overrides`` are the method's per-task Trainer arguments (e.g. ``max_epochs``)."""
+
+MAX_SEED = 2**32 - 1
+"""The largest seed ``lightning.seed_everything`` (numpy) accepts; task ``i`` of a run is seeded with ``seed + i``."""
 
 # Config keys that steer or describe the run but cannot change its results; resuming may change them.
 _RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger", "reported", "count_flops"}
@@ -116,15 +121,48 @@ def make_trainer_factory(
             asked = arguments.get("max_steps")
             if asked is None or asked < 0 or asked > max_steps_per_fit:
                 arguments["max_steps"] = max_steps_per_fit
-        return L.Trainer(
-            **arguments,
-            logger=task_logger,
-            callbacks=[*user_callbacks, *callbacks],
-            enable_checkpointing=False,
-            default_root_dir=out,
-        )
+        if arguments.get("max_epochs") == -1 and arguments.get("max_steps", -1) in (None, -1):
+            raise ValueError(
+                "trainer.max_epochs -1 trains until trainer.max_steps, which is not set, so every fit would run "
+                "forever; give a number of epochs (--trainer.max_epochs 1) or a step limit (--trainer.max_steps N)"
+            )
+        try:
+            return L.Trainer(
+                **arguments,
+                logger=task_logger,
+                callbacks=[*user_callbacks, *callbacks],
+                enable_checkpointing=False,
+                default_root_dir=out,
+            )
+        except (MisconfigurationException, ImportError, ValueError, TypeError, RuntimeError) as error:
+            raise ValueError(_trainer_error(arguments, error)) from error
 
     return factory
+
+
+_TRAINER_FIXES = {
+    "accelerator": "use --trainer.accelerator auto (the best device this machine has) or cpu",
+    "devices": "use --trainer.devices auto, 1, or a list of device ids this machine has",
+    "precision": "use --trainer.precision 32-true, or bf16-mixed / 16-mixed where the device supports them",
+    "strategy": "use --trainer.strategy auto, or ddp for several processes",
+    "max_epochs": "use a number of epochs >= 0, or -1 together with --trainer.max_steps",
+    "max_steps": "use a number of steps >= 0, or -1 for no step limit",
+}
+
+
+def _trainer_error(arguments: dict[str, Any], error: BaseException) -> str:
+    """A one-line account of why ``lightning.Trainer(**arguments)`` failed that names the trainer key to fix: the
+    first key that fails on its own, or every given key when only their combination fails."""
+    reason = next((line.strip(" .") for line in str(error).splitlines() if line.strip(" .")), type(error).__name__)
+    quiet = {"logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    for key, value in arguments.items():
+        try:
+            L.Trainer(**{**quiet, "enable_model_summary": False, key: value})
+        except Exception:
+            fix = _TRAINER_FIXES.get(key, f"fix or remove trainer.{key}")
+            return f"trainer.{key}={value!r} cannot make a Lightning Trainer on this machine: {reason}; {fix}"
+    given = ", ".join(f"trainer.{key}={value!r}" for key, value in arguments.items())
+    return f"these trainer options cannot make a Lightning Trainer together ({given}): {reason}"
 
 
 class _ImageCounter(Callback):
@@ -331,7 +369,9 @@ class Engine:
             return self._run()
 
     def _run(self) -> dict[str, Any]:
-        self._refuse_unsupported_distributed()
+        self._check_seed()
+        self._check_out_is_writable()
+        self._refuse_unsupported_distributed()  # builds task 0's Trainer: bad trainer options stop the run here
         with contextlib.ExitStack() as writing:
             if is_rank_zero():  # the one writer; a second run into this --out is refused here
                 writing.enter_context(exclusive_run_directory(self.out))
@@ -596,7 +636,8 @@ class Engine:
     def _refuse_unsupported_distributed(self) -> None:
         """Several processes only with a DDP strategy and a method shown to give the single-process answer under it
         (``CILMethod.supports_distributed``); anything else is refused before a file is written."""
-        probe = self.trainer_factory(0, [], {"logger": False})
+        first = self.stream.tasks[0]
+        probe = self.trainer_factory(first.index, [], {**self.method.trainer_overrides(first), "logger": False})
         if probe.world_size <= 1:
             return
         strategy = probe.strategy
@@ -612,6 +653,29 @@ class Engine:
             raise ValueError(
                 f"{blocker}; {probe.world_size} processes requested: run with --trainer.devices 1 "
                 "(and --trainer.num_nodes 1)"
+            )
+
+    def _check_seed(self) -> None:
+        """Every task's seed (``seed + i``) within numpy's range, checked before the first task is written."""
+        last = MAX_SEED - (len(self.stream) - 1)
+        if not 0 <= self.seed <= last:
+            raise ValueError(
+                f"seed_everything {self.seed} is out of range for {len(self.stream)} tasks: task i is seeded with "
+                f"seed_everything + i, which numpy accepts from 0 to {MAX_SEED}; choose a seed from 0 to {last}"
+            )
+
+    def _check_out_is_writable(self) -> None:
+        """Refuses a run directory that cannot be created or written, before anything is written."""
+        existing = next(path for path in (self.out, *self.out.parents) if path.exists() or path == path.parent)
+        if not existing.is_dir():
+            raise ValueError(
+                f"cannot create the run directory {str(self.out)!r}: {str(existing)!r} is a file, not a folder; "
+                "choose another --out"
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"cannot write the run directory {str(self.out)!r}: {str(existing)!r} is not writable by this user; "
+                "choose another --out, or make it writable"
             )
 
     def _check_fresh_out(self) -> int:

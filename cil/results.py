@@ -252,8 +252,63 @@ def find_runs(paths: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 def load_runs(paths: Iterable[str | os.PathLike[str]]) -> pd.DataFrame:
     """The long results frames of several runs, stacked, with a ``run`` column naming each run directory."""
-    frames = [pd.read_csv(path / "results.csv").assign(run=str(path)) for path in find_runs(paths)]
+    frames = [_read_results(path / "results.csv").assign(run=str(path)) for path in find_runs(paths)]
     return pd.concat(frames, ignore_index=True)
+
+
+_REQUIRED_RESULT_COLUMNS = ("train_task", "eval_task", "accuracy")
+_DAMAGED = "restore the file, or resume the run (`cil run ... --resume true` rewrites it from the last checkpoint)"
+
+
+def _read_results(file: Path) -> pd.DataFrame:
+    """``results.csv``, or a one-line error naming the file when it is not a cil results table."""
+    try:
+        frame = pd.read_csv(file)
+    except OSError as error:  # a folder, unreadable
+        raise ValueError(f"cannot read {str(file)!r} ({error.strerror or error}); {_DAMAGED}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise ValueError(f"cannot read {str(file)!r} as a CSV table ({reason}); {_DAMAGED}") from None
+    missing = [column for column in _REQUIRED_RESULT_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ValueError(f"{str(file)!r} is not a cil results table (no column {', '.join(missing)}); {_DAMAGED}")
+    return frame
+
+
+def _read_summary(file: Path) -> dict[str, Any]:
+    """``summary.json`` as a dict, or a one-line error naming the file."""
+    try:
+        summary = json.loads(file.read_text())
+    except OSError as error:  # missing, a folder, unreadable
+        raise ValueError(f"cannot read {str(file)!r} ({error.strerror or error}); {_DAMAGED}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {str(file)!r} as JSON ({error}); {_DAMAGED}") from None
+    if not isinstance(summary, dict):
+        raise ValueError(
+            f"{str(file)!r} holds a JSON {type(summary).__name__}, not the object of headline metrics cil writes; "
+            f"{_DAMAGED}"
+        )
+    return summary
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    """A run's ``config.yaml`` as a dict (empty if the file is empty), or a one-line error naming the file."""
+    try:
+        config = yaml.safe_load(file.read_text())
+    except OSError as error:  # a folder, unreadable
+        raise ValueError(
+            f"cannot read {str(file)!r} ({error.strerror or error}); restore the run's config.yaml"
+        ) from None
+    except (UnicodeDecodeError, yaml.YAMLError) as error:
+        reason = " ".join(str(error).split())
+        raise ValueError(f"cannot read {str(file)!r} as YAML ({reason}); restore the run's config.yaml") from None
+    if config is None:
+        return {}
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{str(file)!r} holds a YAML {type(config).__name__}, not a run's config; restore the run's config.yaml"
+        )
+    return config
 
 
 def load_summaries(paths: Iterable[str | os.PathLike[str]], with_config: bool = False) -> pd.DataFrame:
@@ -264,10 +319,10 @@ def load_summaries(paths: Iterable[str | os.PathLike[str]], with_config: bool = 
     """
     rows = []
     for path in find_runs(paths):
-        summary = json.loads((path / "summary.json").read_text())
+        summary = _read_summary(path / "summary.json")
         row = {"run": str(path), **{k: v for k, v in summary.items() if not isinstance(v, list)}}
         if with_config and (path / "config.yaml").is_file():
-            config = yaml.safe_load((path / "config.yaml").read_text()) or {}
+            config = _read_config(path / "config.yaml")
             flat = pd.json_normalize(config, sep=".").iloc[0].to_dict()
             row.update({f"config.{key}": _hashable(value) for key, value in flat.items()})
         rows.append(row)

@@ -93,7 +93,7 @@ def test_the_prefix_is_lae_s_compensated_prefix_with_learned_scales() -> None:
     method = _lae(pet="prefix")
     prefixed = method.backbone.model.blocks[0].attn
     base: Any = prefixed.base
-    assert 0.0 <= float(prefixed.prefix_key.min()) and float(prefixed.prefix_key.max()) <= 0.01
+    assert float(prefixed.prefix_key.min()) >= 0.0 and float(prefixed.prefix_key.max()) <= 0.01
     with torch.no_grad():
         prefixed.key_scale.fill_(3.0)
         prefixed.value_scale.fill_(-2.0)
