@@ -30,7 +30,8 @@ predictions and the labels of every seen test image) after the last epoch of eac
 Before training it checks (and stops with exit status 3 if any fails) that every image continuum hands out is
 bit-identical to the one ``cil`` sent with the same label, and that its ViT's class-token features on every image
 equal ``cil``'s to fp32 rounding (relative difference per row < 1e-5: their attention is explicit matmuls and
-softmax, timm 1.x's is ``scaled_dot_product_attention``).
+softmax, timm 1.x's is ``scaled_dot_product_attention``). It also hands back its PET modules with perturbed
+parameters and the features they give (:func:`_perturbed_pet_check`), for ``cil``'s side to compare.
 """
 
 from __future__ import annotations
@@ -110,6 +111,29 @@ def _patched(target: Any, name: str, value: Any) -> Iterator[None]:
 def _cpu_seconds() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
     return own.ru_utime + own.ru_stime
+
+
+@torch.no_grad()
+def _perturbed_pet_check(
+    lae: dict[str, Any], config: Any, vit: torch.nn.Module, inputs: torch.Tensor
+) -> dict[str, Any]:
+    """Their PET modules, made and attached by ``MyModule``'s own ``create_pets_vit`` / ``attach_pets_vit`` on a
+    fresh seeded ViT, every parameter then moved by seeded noise (so adapters and LoRA are not the identity they
+    start as); returns those parameters and the class-token features they give. ``lae_side_by_side.py`` loads the
+    same values into ``cil``'s LAE and compares the features: the PET forward passes, checked on identical
+    parameters."""
+    host = argparse.Namespace(cfg=config.module, model=argparse.Namespace(backbone=vit))
+    module_cls = lae["main"].MyModule
+    pets = module_cls.create_pets_vit(host)
+    module_cls.attach_pets_vit(host, pets)
+    noise = torch.Generator().manual_seed(0)
+    for parameter in pets.parameters():
+        parameter.add_(0.05 * torch.randn(parameter.shape, generator=noise))
+    return {
+        "state": {name: value.clone() for name, value in pets.state_dict().items()},
+        "features": _class_token_features(vit, inputs, 64),
+        "blocks": list(config.module.adapt_blocks),
+    }
 
 
 @torch.no_grad()
@@ -200,6 +224,7 @@ def main() -> int:
         }
         passed = matched == total == report["checks"]["images_sent"] and float(gap) < 1e-5
         report["checks"]["passed"] = bool(passed)
+        report["pet_check"] = _perturbed_pet_check(lae, config, seeded_vit_b16(), spec["check_x"])
         if not passed:
             torch.save(report, options.exchange / "reference.pt")
             print(f"checks failed: {report['checks']}", file=sys.stderr)

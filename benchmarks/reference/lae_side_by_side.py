@@ -24,7 +24,10 @@ Both sides get, through ``DIR/exchange/inputs.pt``:
 
 Checks before training (the reference side refuses to train when one fails): every image LAE's data module hands
 out is bit-identical to one ``cil`` sent, with the label its class order gives; their ViT's class-token features
-equal ``cil``'s ``Backbone`` features to fp32 rounding on every test image.
+equal ``cil``'s ``Backbone`` features to fp32 rounding on every test image. Then the PET modules: theirs, built and
+attached by their ``MyModule``, every parameter moved by seeded noise, are copied into a fresh ``cil`` LAE (every
+PET parameter of ours must be set), and both must give the same features on every test image (``checks.pet``); a
+failure here is reported, and nothing of ours is trained.
 
 Both sides then learn the stream; per step, the ensemble (the reported number), online and offline accuracy over
 all seen test images are compared. Outputs under ``--out``: ``report.json``, ``table.md``, ``cil/`` (the run
@@ -81,6 +84,54 @@ def _stream_tensors(stream: cil.Stream, transform: Any) -> dict[str, torch.Tenso
 def _features(backbone: cil.Backbone, inputs: torch.Tensor, batch: int) -> torch.Tensor:
     with shared._eval_mode(backbone):
         return torch.cat([backbone(x) for x in inputs.split(batch)])
+
+
+_THEIR_PET_NAMES = {  # gqk/LAE's PET parameter (within one block's module) -> cil's, under blocks.<b>.attn.
+    "adapter": {
+        "layer.0.weight": "adapter.down.weight",
+        "layer.0.bias": "adapter.down.bias",
+        "layer.2.weight": "adapter.up.weight",
+        "layer.2.bias": "adapter.up.bias",
+        "layer.3.scale": "adapter.scale",
+    },
+    "lora": {
+        "lora_A.0": "qkv.lora_A.k",
+        "lora_A.1": "qkv.lora_A.v",
+        "lora_B.0": "qkv.lora_B.k",
+        "lora_B.1": "qkv.lora_B.v",
+        "scale.0.scale": "qkv.lora_scale.k",
+        "scale.1.scale": "qkv.lora_scale.v",
+    },
+    "prefix": {
+        "key.tokens": "prefix_key",
+        "val.tokens": "prefix_value",
+        "key.scaler.scale": "key_scale",
+        "val.scaler.scale": "value_scale",
+    },
+}
+
+
+@torch.no_grad()
+def _check_pet(check: dict[str, Any], method: cil.CILMethod, pet: str, inputs: torch.Tensor) -> dict[str, Any]:
+    """Their PET parameters (perturbed, see ``_lae_reference._perturbed_pet_check``) copied into a fresh ``cil`` LAE;
+    both must give the same class-token features (fp32 rounding: < 1e-5 relative per row)."""
+    ours = dict(method.backbone.model.named_parameters())
+    copied, peft = 0, {name for name, p in ours.items() if p.requires_grad}
+    for name, value in check["state"].items():
+        index, _, local = name.partition(".")
+        target = f"blocks.{check['blocks'][int(index)]}.attn.{_THEIR_PET_NAMES[pet][local]}"
+        ours[target].copy_(value.reshape(ours[target].shape))
+        peft.discard(target)
+        copied += 1
+    features = _features(method.backbone, inputs, 64)
+    gap = (features - check["features"]).norm(dim=1) / check["features"].norm(dim=1)
+    return {
+        "their_parameters": len(check["state"]),
+        "copied": copied,
+        "cil_pet_parameters_not_set": sorted(peft),
+        "max_rel_diff": float(gap.max()),
+        "passed": not peft and float(gap.max()) < 1e-5,
+    }
 
 
 def _cil_steps(run: Path) -> list[dict[str, float]]:
@@ -287,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     report["checks"] = reference.get("checks", {"passed": False, "reference_exit_status": done.returncode})
     report["checks"]["task_sizes_cil"] = [t.num_classes for t in stream]
+    if "pet_check" in reference:
+        fresh = shared._build_method(config, cil.Backbone(**config["backbone"]))
+        report["checks"]["pet"] = _check_pet(reference["pet_check"], fresh, options.pet, tensors["test_x"])
+        report["checks"]["passed"] &= report["checks"]["pet"]["passed"]
     if done.returncode != 0 or not report["checks"].get("passed"):
         shared._write(out, report)
         print(f"the reference side stopped (exit {done.returncode}): see {out / 'reference.log'}", file=sys.stderr)
