@@ -195,6 +195,9 @@ def seed_table(runs: Sequence[Path]) -> str:
             lines.append(f"{side:4s} {key:20s} {np.mean(values):6.2f} +- {np.std(values, ddof=1):5.2f}  {values}")
         steps = np.array([r[side]["seen_accuracy"] for r in reports])
         lines.append(f"{side:4s} per step (mean)      " + " ".join(f"{v:6.2f}" for v in steps.mean(axis=0)))
+    for key in ("avg_incremental_acc", "last_acc"):  # same seed = same class order on both sides: paired
+        gaps = [r["cil"][key] - r["lae"][key] for r in reports]
+        lines.append(f"cil - lae {key:15s} {np.mean(gaps):6.2f} +- {np.std(gaps, ddof=1):5.2f}  (paired by seed)")
     return "\n".join(lines)
 
 
