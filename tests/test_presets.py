@@ -71,6 +71,22 @@ def _mos(preset: str, json: str, epochs: int, lr: float, batch: int, wd: float, 
     ]
 
 
+_LAE_PET_ROWS: dict[str, Any] = {  # how their PET modules are built, beyond the size
+    "adapter": lambda preset, config: [
+        (preset, "method.init_args.pet_options.activation", "gelu", f"{LAE} libml/model/pet/adapter.py:19"),
+        (preset, "method.init_args.pet_options.learn_scale", True, config + "11 (scale: null)"),
+    ],
+    "lora": lambda preset, config: [
+        (preset, "method.init_args.pet_options.learn_scale", True, config + "10 (scale: null)"),
+    ],
+    "prefix": lambda preset, config: [
+        (preset, "method.init_args.pet_options.learn_scale", True, config + "10-11 (key_scale, val_scale: null)"),
+        (preset, "method.init_args.pet_options.compensate", True, config + "12"),
+        (preset, "method.init_args.pet_options.init_bounds", [0.0, 0.01], f"{LAE} libml/model/pet/prompt.py:30"),
+    ],
+}
+
+
 def _lae(pet: str, data: str, epochs: int, freeze: int, lr: float, pet_key: str, pet_value: int) -> list[Row]:
     """The rows every LAE preset has (config/base/<data>_order1.yaml extended into config/vit_<pet>.yaml)."""
     preset = f"lae_{pet}_{data}.yaml"
@@ -86,6 +102,7 @@ def _lae(pet: str, data: str, epochs: int, freeze: int, lr: float, pet_key: str,
         (preset, "method.init_args.inference", "ensemble", base + "53"),
         (preset, "method.init_args.blocks", [0, 1, 2, 3, 4], pet_config + "6"),
         (preset, f"method.init_args.pet_options.{pet_key}", pet_value, pet_config + "9"),
+        *_LAE_PET_ROWS[pet](preset, pet_config),
         (preset, "data.batch_size", 24, base + "23"),
         (preset, "stream.increment", increment, base + "15"),
         (preset, "stream.order", list(range(classes)), base + "16 (class_order null)"),
