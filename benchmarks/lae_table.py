@@ -27,6 +27,16 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "lae_adapter": (LAE, ["--method.init_args.pet", "adapter"]),
     "lae_lora": (LAE, ["--method.init_args.pet", "lora"]),
     "lae_prefix": (LAE, ["--method.init_args.pet", "prefix"]),
+    # before the PET modules became the authors': AdaptFormer's ReLU adapter at a fixed scale
+    "lae_adapter_relu": (
+        LAE,
+        [
+            "--method.init_args.pet",
+            "adapter",
+            "--method.init_args.pet_options",
+            "{activation: relu, learn_scale: false}",
+        ],
+    ),
 }
 
 
@@ -34,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/lae_bench")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--seed", type=int, help="seed_everything for every row (default: the configs', 1993)")
     options = parser.parse_args()
     lines = [
         "| row | A-bar (%) | A_last (%) | forgetting | online A-bar | offline A-bar | ensemble A-bar "
@@ -42,6 +53,8 @@ def main() -> None:
     ]
     for name in options.rows:
         config, overrides = ROWS[name]
+        if options.seed is not None:
+            overrides = [*overrides, "--seed_everything", str(options.seed)]
         out = Path(options.out) / name
         summary, _ = fresh_run(config, overrides, out)
         tasks = pd.read_csv(out / "tasks.csv")
