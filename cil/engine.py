@@ -387,9 +387,12 @@ class Engine:
                 self._run_task(task)
             except (Interrupted, SIGTERMException) as error:  # SIGTERMException: Lightning's, if nobody else handles it
                 raise self._interrupted(task, error) from None
-        if start == len(self.stream) > 0 and is_rank_zero():
-            log.info("%s: every task is finished; rebuilding its results files from the last checkpoint", self.out)
-            self._write_results()  # a finished run resumed: restores results files deleted since it ended
+        if start == len(self.stream) > 0 and is_rank_zero():  # a finished run resumed: restore what was lost since
+            rebuilt = self._write_results(only_changed=True)
+            if rebuilt:
+                log.info(
+                    "%s: every task is finished; rebuilt %s from the last checkpoint", self.out, ", ".join(rebuilt)
+                )
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
@@ -584,18 +587,29 @@ class Engine:
         self._write_results()
         self._write_checkpoint(task)
 
-    def _write_results(self) -> None:
-        """``results.csv``, ``tasks.csv``, ``accuracy_matrix.csv`` and ``summary.json``, from the results held."""
-        results = pd.DataFrame(self.results, columns=RESULT_COLUMNS)
-        atomic_write_text(self.out / "results.csv", results.to_csv(index=False))
-        atomic_write_text(self.out / "tasks.csv", pd.DataFrame(self.task_costs).to_csv(index=False))
+    def _write_results(self, only_changed: bool = False) -> list[str]:
+        """``results.csv``, ``tasks.csv``, ``accuracy_matrix.csv`` and ``summary.json``, from the results held;
+        returns the names written. ``only_changed``: files that already hold exactly that text are left untouched
+        (a finished run resumed keeps its files, and their times, unless one was deleted or damaged)."""
         matrix = pd.DataFrame(
             self.accuracy_matrix(),
             index=pd.Index([t.name for t in self.stream], name="after_task"),
             columns=[t.name for t in self.stream],
         )
-        atomic_write_text(self.out / "accuracy_matrix.csv", matrix.to_csv(float_format="%.4f"))
-        atomic_write_text(self.out / "summary.json", json.dumps(self.summary(), indent=2))
+        texts = {
+            "results.csv": pd.DataFrame(self.results, columns=RESULT_COLUMNS).to_csv(index=False),
+            "tasks.csv": pd.DataFrame(self.task_costs).to_csv(index=False),
+            "accuracy_matrix.csv": matrix.to_csv(float_format="%.4f"),
+            "summary.json": json.dumps(self.summary(), indent=2),
+        }
+        written = []
+        for name, text in texts.items():
+            path = self.out / name
+            if only_changed and path.is_file() and path.read_bytes() == text.encode():
+                continue
+            atomic_write_text(path, text)
+            written.append(name)
+        return written
 
     def _write_checkpoint(self, task: Task) -> None:
         """The state after ``task``, with the SHA-256 of its content (see :func:`cil.results.content_sha256`)."""

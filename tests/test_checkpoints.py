@@ -164,3 +164,10 @@ def test_a_finished_run_resumed_rebuilds_its_deleted_results_files(finished: Pat
     run(finished, never_trains(), resume=True)
     for name in RESULTS_FILES:  # byte for byte: the summary's times come from the checkpoint's task costs
         assert (finished / name).read_bytes() == written[name], name
+    times = {name: (finished / name).stat().st_mtime_ns for name in RESULTS_FILES}
+    (finished / "summary.json").write_text("{")  # damaged
+    run(finished, never_trains(), resume=True)
+    assert (finished / "summary.json").read_bytes() == written["summary.json"]
+    for name in RESULTS_FILES:  # intact files are left as they are (a sweep's finished seeds keep their times)
+        if name != "summary.json":
+            assert (finished / name).stat().st_mtime_ns == times[name], name
