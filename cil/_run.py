@@ -281,7 +281,13 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
         if _complete(out):
             log.info("seed %d: %s is complete; checking that it was run with this config", sweep_seed, out)
     method = cli.config_init["method"]
-    config["method_name"] = method_registry_name(method) or type(method).__name__.lower()
+    name = method_registry_name(method) or type(method).__name__.lower()
+    if config.get("method_name") not in (None, name):  # a run's config.yaml with another --method on top
+        raise ValueError(
+            f"method_name {config['method_name']!r} (from a run's config.yaml) names another method than the one "
+            f"given ({name!r}); drop method_name, or give --method_name {name}"
+        )
+    config["method_name"] = name
     _check_stream_options(config["stream"], "stream")
     if config.get("retention"):
         _check_stream_options(config["retention"], "retention")

@@ -75,6 +75,14 @@ RUN_OPTIONS: tuple[tuple[str, str, Any, Any, str], ...] = (
         "held-out stream for the retention probe, never trained",
     ),
     (
+        "method_name",
+        "NAME",
+        str | None,
+        None,
+        "set by cil in a run's config.yaml (the method's registered name), so that file runs again as a config; "
+        "must name the method given",
+    ),
+    (
         "reported",
         "'{source: ..., ...}'",
         dict[str, Any] | None,

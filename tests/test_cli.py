@@ -168,6 +168,22 @@ def test_registered_method_name_runs_on_the_tiny_stream(tmp_path: Path) -> None:
     assert "class_path: methods.SimpleCIL" in (tmp_path / "config.yaml").read_text()
 
 
+def test_a_run_directory_s_config_runs_again_as_a_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(ROOT / "configs/experiments/quickstart_finetune.yaml")
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert main(["run", "--config", config, "--config", TINY, "--method", "simplecil", "--out", str(first)]) == 0
+    assert "method_name: simplecil" in (first / "config.yaml").read_text()
+    assert main(["run", "--config", str(first / "config.yaml"), "--out", str(again)]) == 0
+    columns = ["train_task", "eval_task", "accuracy"]
+    pd.testing.assert_frame_equal(
+        pd.read_csv(again / "results.csv")[columns], pd.read_csv(first / "results.csv")[columns]
+    )
+    capsys.readouterr()
+    other = ["--method", "finetune", "--out", str(tmp_path / "other")]
+    assert main(["run", "--config", str(first / "config.yaml"), *other]) == 1
+    assert "method_name 'simplecil'" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize(
     ("method", "class_path"),
     [
