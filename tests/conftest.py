@@ -11,7 +11,7 @@ import pytest
 
 from cil.backbones import Backbone
 from cil.data import DataConfig
-from cil.engine import TrainerFactory, make_trainer_factory
+from cil.engine import Engine, TrainerFactory, make_trainer_factory
 from cil.method import CILMethod
 from cil.stream import Stream, build_stream
 from cil.task import Task
@@ -55,6 +55,22 @@ def cpu_trainers(out: Path, **trainer: Any) -> TrainerFactory:
     kwargs = {"accelerator": "cpu", "max_epochs": 1, "enable_progress_bar": False, "enable_model_summary": False}
     kwargs["log_every_n_steps"] = 1
     return make_trainer_factory(out, {**kwargs, **trainer}, logger="csv")
+
+
+def run_engine(out: Path, method: CILMethod, stream: Stream, **engine: Any) -> Engine:
+    """``method`` through ``stream`` on the CPU with the tiny data settings (seed 7); returns the finished engine."""
+    finished = Engine(
+        method,
+        stream,
+        out,
+        trainer_factory=cpu_trainers(out),
+        data=TINY_DATA,
+        seed=7,
+        config={"test": "tiny"},
+        **engine,
+    )
+    finished.run()
+    return finished
 
 
 @pytest.fixture(autouse=True)

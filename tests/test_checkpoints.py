@@ -19,25 +19,16 @@ from cil.cli import main
 from cil.engine import Engine
 from cil.results import atomic_torch_save, atomic_write_text, content_sha256
 from methods.finetune import Finetune
-from tests.conftest import TINY_DATA, cpu_trainers, crash_during, tiny_backbone, tiny_stream
+from tests.conftest import crash_during, run_engine, tiny_backbone, tiny_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_FILES = ["results.csv", "tasks.csv", "accuracy_matrix.csv", "summary.json"]
 
 
 def run(out: Path, method: Finetune | None = None, **kwargs: Any) -> Engine:
-    engine = Engine(
-        method or Finetune(tiny_backbone(), optimizer="adamw", lr=1e-3),
-        tiny_stream(increment=5),
-        out,
-        trainer_factory=cpu_trainers(out),
-        data=TINY_DATA,
-        seed=7,
-        config={"test": "checkpoints"},
-        **kwargs,
+    return run_engine(
+        out, method or Finetune(tiny_backbone(), optimizer="adamw", lr=1e-3), tiny_stream(increment=5), **kwargs
     )
-    engine.run()
-    return engine
 
 
 def never_trains() -> Finetune:

@@ -14,7 +14,7 @@ from cil.engine import Engine, describe_stream, make_trainer_factory, stream_fin
 from cil.method import FeatureFn
 from cil.task import Task
 from methods.finetune import Finetune
-from tests.conftest import TINY_DATA, cpu_trainers, tiny_backbone, tiny_stream
+from tests.conftest import TINY_DATA, cpu_trainers, run_engine, tiny_backbone, tiny_stream
 
 
 class RecordingMethod(Finetune):
@@ -43,18 +43,7 @@ class RecordingMethod(Finetune):
 
 
 def run(out: Path, method: Any = None, stream: Any = None, **kwargs: Any) -> Engine:
-    engine = Engine(
-        method or RecordingMethod(),
-        stream or tiny_stream(),
-        out,
-        trainer_factory=cpu_trainers(out),
-        data=TINY_DATA,
-        seed=7,
-        config={"test": "engine"},
-        **kwargs,
-    )
-    engine.run()
-    return engine
+    return run_engine(out, method or RecordingMethod(), stream or tiny_stream(), **kwargs)
 
 
 def test_hook_order(tmp_path: Path) -> None:
