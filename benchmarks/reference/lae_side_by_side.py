@@ -123,14 +123,13 @@ def _check_pet(check: dict[str, Any], method: cil.CILMethod, pet: str, inputs: t
         ours[target].copy_(value.reshape(ours[target].shape))
         peft.discard(target)
         copied += 1
-    features = _features(method.backbone, inputs, 64)
-    gap = (features - check["features"]).norm(dim=1) / check["features"].norm(dim=1)
+    gap = shared.feature_gap(check["features"], _features(method.backbone, inputs, 64))
     return {
         "their_parameters": len(check["state"]),
         "copied": copied,
         "cil_pet_parameters_not_set": sorted(peft),
-        "max_rel_diff": float(gap.max()),
-        "passed": not peft and float(gap.max()) < 1e-5,
+        "max_rel_diff": gap["max_rel_diff"],
+        "passed": not peft and gap["max_rel_diff"] < 1e-5,
     }
 
 
@@ -172,17 +171,7 @@ def _summary(steps: list[dict[str, float]]) -> dict[str, Any]:
 
 
 def _markdown(report: dict[str, Any]) -> str:
-    steps = len(report["cil"]["seen_accuracy"])
-    head = "| side | " + " | ".join(f"step {i + 1}" for i in range(steps)) + " | A-bar | A_last | wall (s) | CPU (s) |"
-    rows = [head, "|---" * (steps + 5) + "|"]
-    for side in ("cil", "lae"):
-        r = report[side]
-        cells = " | ".join(f"{v:.2f}" for v in r["seen_accuracy"])
-        rows.append(
-            f"| {side} | {cells} | {r['avg_incremental_acc']:.2f} | {r['last_acc']:.2f} | {r['wall_s']:.1f} "
-            f"| {r['cpu_s']:.1f} |"
-        )
-    return "\n".join(rows)
+    return "\n".join(shared.side_table(report, ("cil", "lae")))
 
 
 def seed_table(runs: Sequence[Path]) -> str:

@@ -478,12 +478,25 @@ def _eval_mode(*models: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def _same_state(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> bool:
+    """The same tensor names, each bit-identical."""
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def feature_gap(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, Any]:
+    """How far two ``[N, D]`` feature matrices of the same images are apart: rows equal bit for bit, the largest
+    absolute difference and the largest per-row relative difference (``|a - b| / |a|``)."""
+    return {
+        "bit_identical_rows": int((ours == theirs).all(dim=1).sum()),
+        "max_abs_diff": float((ours - theirs).abs().max()),
+        "max_rel_diff": float(((ours - theirs).norm(dim=1) / ours.norm(dim=1)).max()),
+    }
+
+
 @torch.no_grad()
 def _check_backbone(backbone: cil.Backbone, pilot_net: Any, inputs: torch.Tensor, batch: int) -> dict[str, Any]:
     ours_state, theirs_state = backbone.model.state_dict(), pilot_net.backbone.state_dict()
-    same_state = ours_state.keys() == theirs_state.keys() and all(
-        torch.equal(ours_state[k], theirs_state[k]) for k in ours_state
-    )
+    same_state = _same_state(ours_state, theirs_state)
     with _eval_mode(backbone, pilot_net.backbone):
         ours = torch.cat([backbone(x) for x in inputs.split(batch)])
         theirs = torch.cat([pilot_net.extract_vector(x) for x in inputs.split(batch)])
@@ -511,9 +524,7 @@ def _check_vit_mos_backbone(
     exact zeros)."""
     ours_state = _timm_to_vit_mos_keys(plain.model.state_dict())
     theirs_state = {k: v for k, v in pilot_vit.state_dict().items() if "adapt" not in k and not k.startswith("head.")}
-    same_state = ours_state.keys() == theirs_state.keys() and all(
-        torch.equal(ours_state[k], theirs_state[k]) for k in ours_state
-    )
+    same_state = _same_state(ours_state, theirs_state)
     if pilot_features is None:
         pilot_features = lambda x: pilot_vit(x, adapter_id=-1)["features"]  # noqa: E731
     with _eval_mode(plain, injected, pilot_vit):
@@ -525,9 +536,7 @@ def _check_vit_mos_backbone(
         "tensors_compared": len(ours_state),
         "images": len(inputs),
         "feature_dim": int(ours.shape[1]),
-        "bit_identical_rows": int((ours == theirs).all(dim=1).sum()),
-        "max_abs_diff": float((ours - theirs).abs().max()),
-        "max_rel_diff": float(((ours - theirs).norm(dim=1) / ours.norm(dim=1)).max()),
+        **feature_gap(ours, theirs),
         "injected_vs_plain_bit_identical_rows": int((ours_injected == ours).all(dim=1).sum()),
         "injected_vs_plain_max_abs_diff": float((ours_injected - ours).abs().max()),
     }
@@ -591,9 +600,7 @@ def _check_tuned_branch(
         for k, v in pilot_vit.state_dict().items()
         if "ssf_" not in k and k != "Prompt_Tokens" and not k.startswith("head.")
     }
-    same_state = ours_state.keys() == theirs_state.keys() and all(
-        torch.equal(ours_state[k], theirs_state[k]) for k in ours_state
-    )
+    same_state = _same_state(ours_state, theirs_state)
     trainable = any("ssf_" in k or k == "Prompt_Tokens" for k, _ in pilot_vit.named_parameters())
     ours_model, counts = _transplant(adapted, pilot_vit) if trainable else (adapted, {})
     with _eval_mode(ours_model, pilot_vit):
@@ -604,9 +611,7 @@ def _check_tuned_branch(
         "tensors_compared": len(ours_state),
         "images": len(inputs),
         "feature_dim": int(ours.shape[1]),
-        "bit_identical_rows": int((ours == theirs).all(dim=1).sum()),
-        "max_abs_diff": float((ours - theirs).abs().max()),
-        "max_rel_diff": float(((ours - theirs).norm(dim=1) / ours.norm(dim=1)).max()),
+        **feature_gap(ours, theirs),
     }
     if counts:
         report["transplanted"] = counts
@@ -634,18 +639,23 @@ def _accuracy(step: dict[int, tuple[Any, Any]]) -> float:
     return 100.0 * float(np.mean([label == pred for label, pred in step.values()]))
 
 
-def _markdown(report: dict[str, Any]) -> str:
-    steps = len(report["cil"]["seen_accuracy"])
+def side_table(report: dict[str, Any], sides: Sequence[str]) -> list[str]:
+    """Markdown rows: per side, the accuracy after every step, A-bar, A_last, wall and CPU time."""
+    steps = len(report[sides[0]]["seen_accuracy"])
     head = "| side | " + " | ".join(f"step {i + 1}" for i in range(steps)) + " | A-bar | A_last | wall (s) | CPU (s) |"
-    rule = "|---" * (steps + 5) + "|"
-    rows = [head, rule]
-    for side in ("cil", "pilot"):
+    rows = [head, "|---" * (steps + 5) + "|"]
+    for side in sides:
         r = report[side]
         cells = " | ".join(f"{v:.2f}" for v in r["seen_accuracy"])
         rows.append(
             f"| {side} | {cells} | {r['avg_incremental_acc']:.2f} | {r['last_acc']:.2f} | {r['wall_s']:.1f} "
             f"| {r['cpu_s']:.1f} |"
         )
+    return rows
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    rows = side_table(report, ("cil", "pilot"))
     dis = " | ".join(str(d) for d in report["disagreements_per_step"])
     rows.append(f"| images that disagree | {dis} | {report['disagreements']} (total) | | | |")
     return "\n".join(rows)
