@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonargparse
+import numpy as np
 import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -36,7 +37,7 @@ from cil.cli import RUN_OPTIONS
 from cil.data import DataConfig
 from cil.engine import MAX_SEED, Engine, make_trainer_factory
 from cil.method import CILMethod, list_methods, method_class, method_registry_name
-from cil.results import accuracy_matrix
+from cil.results import accuracy_matrix, baseline_accuracy
 from cil.stream import _STREAMS, build_stream, list_streams
 
 __all__ = ["CILCLI", "method_class_path", "resolve_method", "run_one"]
@@ -307,6 +308,8 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
         resume=resume,
         keep_checkpoints=int(cli.config["keep_checkpoints"]),
         protocol=str(cli.config["protocol"]),
+        evaluate_future=bool(cli.config["evaluate_future"]),
+        label_space=str(cli.config["label_space"]),
         count_flops=bool(cli.config["count_flops"]),
         retention=build_stream(config["retention"], seed=seed) if config.get("retention") else None,
     )
@@ -366,5 +369,9 @@ def _format_matrix(engine: Engine) -> str:
     import pandas as pd
 
     names = [f"t{t.index}" for t in engine.stream]
-    frame = pd.DataFrame(accuracy_matrix(pd.DataFrame(engine.results), len(names)), index=names, columns=names)
+    results = pd.DataFrame(engine.results)
+    frame = pd.DataFrame(accuracy_matrix(results, len(names)), index=names, columns=names)
+    baseline = baseline_accuracy(results, len(names))
+    if not np.isnan(baseline).all():  # evaluate_future: every task before the first, zero-shot
+        frame = pd.concat([pd.DataFrame([baseline], index=["zero-shot"], columns=names), frame])
     return frame.to_string(float_format=lambda v: f"{v:6.2f}", na_rep="     -")

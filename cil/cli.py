@@ -59,6 +59,23 @@ RUN_OPTIONS: tuple[tuple[str, str, Any, Any, str], ...] = (
         "class_incremental",
         "class_incremental: one label space, no task id at test time; task_incremental: NEVIS's protocol",
     ),
+    (
+        "evaluate_future",
+        "true|false",
+        bool,
+        False,
+        "also score the tasks not trained yet, after every step and before the first (zero-shot): R's upper triangle, "
+        "FWT and MTIL's Transfer; needs a method that scores classes by name (codyra on open_clip) or a "
+        "domain-incremental stream",
+    ),
+    (
+        "label_space",
+        "seen|stream",
+        Literal["seen", "stream"],
+        "seen",
+        "the classes a test image is scored among: the seen ones (or its task's, task_incremental), or every class of "
+        "the stream, trained or not (X-TAIL; needs a method that scores classes by name)",
+    ),
     ("count_flops", "true|false", bool, True, "count training FLOPs per task"),
     (
         "max_steps_per_fit",
@@ -214,7 +231,7 @@ def table(args: list[str]) -> int:
     )
     parser.add_argument("runs", nargs="+", help="run directories, or folders holding them (e.g. a sweep's root)")
     parser.add_argument("--rows", nargs="+", default=["method"], help="summary or config.* keys (default: method)")
-    parser.add_argument("--cols", nargs="*", default=["stream"], help="column groups (default: stream)")
+    parser.add_argument("--cols", nargs="*", default=None, help="column groups (default: stream; task with --per-task)")
     parser.add_argument(
         "--metrics", nargs="+", default=["avg_incremental_acc", "last_acc"], help=f"any of {', '.join(METRICS)}"
     )
@@ -222,8 +239,17 @@ def table(args: list[str]) -> int:
     parser.add_argument("--decimals", type=int, default=2)
     parser.add_argument("--compare-paper", action="store_true", help="add the paper's numbers (configs' reported:)")
     parser.add_argument("--include-incomplete", action="store_true", help="also average runs that did not finish")
+    parser.add_argument(
+        "--per-task",
+        action="store_true",
+        help="a column group per task and one for their average (MTIL's layout; per-domain tables): metrics "
+        "final_accuracy, forgetting, mtil_transfer, mtil_average, mtil_last",
+    )
     options = parser.parse_args(args)
-    summaries = load_summaries(options.runs, with_config=True)
+    summaries = load_summaries(options.runs, with_config=True, per_task=options.per_task)
+    cols = options.cols if options.cols is not None else ([] if options.per_task else ["stream"])
+    if options.per_task and "task" not in [*options.rows, *cols]:
+        cols = [*cols, "task"]
     if not options.include_incomplete:
         finished = summaries["complete"].eq(True) if "complete" in summaries else pd.Series(False, summaries.index)
         for run_dir in summaries.loc[~finished, "run"]:
@@ -231,7 +257,7 @@ def table(args: list[str]) -> int:
         summaries = summaries[finished]
         if summaries.empty:
             raise ValueError("no finished run among the given directories (--include-incomplete to use them anyway)")
-    spec = TableSpec(rows=options.rows, cols=options.cols, metrics=options.metrics)
+    spec = TableSpec(rows=options.rows, cols=cols, metrics=options.metrics)
     print(
         render(aggregate(summaries, spec, compare_paper=options.compare_paper), spec, options.format, options.decimals)
     )

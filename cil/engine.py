@@ -1,8 +1,9 @@
 """The engine: drives one method through a stream, task by task, and keeps the run directory up to date.
 
 Per task: seed -> ``method.begin_task`` -> a fresh ``Trainer`` -> ``fit`` (if the method trains) ->
-``method.after_task`` -> a consolidation fit (if the method asks for one: FPF) -> evaluate every seen task ->
-write results, summary and a checkpoint atomically.
+``method.after_task`` -> a consolidation fit (if the method asks for one: FPF) -> evaluate every seen task (and,
+with ``evaluate_future``, the tasks not trained yet: :mod:`cil.transfer`) -> write results, summary and a
+checkpoint atomically.
 A run killed at any point resumes (``resume=True``) after its last finished task with identical results,
 because every task starts from a seed derived from the run's seed and the task index, not from RNG history.
 """
@@ -43,7 +44,7 @@ from cil._lock import exclusive_run_directory
 from cil._malloc import tune_malloc
 from cil.data import DataConfig, Transformed, build_transform, make_loader
 from cil.flops import flop_counter
-from cil.method import CILMethod, method_registry_name
+from cil.method import CILMethod, list_methods, method_class, method_registry_name
 from cil.metrics import TaskAccuracy
 from cil.results import (
     RESULT_COLUMNS,
@@ -56,6 +57,7 @@ from cil.results import (
 from cil.retention import retention_accuracy
 from cil.stream import Stream
 from cil.task import Task, stored_targets
+from cil.transfer import ZeroShotScorer, check_evaluation, needs_zero_shot
 
 __all__ = ["MAX_SEED", "Engine", "TrainerFactory", "config_hash", "describe_stream", "make_trainer_factory"]
 
@@ -65,6 +67,9 @@ TrainerFactory = Callable[[int, Sequence[Callback], dict[str, Any]], L.Trainer]
 """``factory(task_index, extra_callbacks, overrides) -> a fresh Trainer`` (one per task: a second ``fit`` on a used
 Trainer does not train again). ``overrides`` are the method's per-task Trainer arguments (e.g. ``max_epochs``)."""
 
+BEFORE_TRAINING = "(pre-trained)"
+"""``train_task_name`` of the zero-shot baseline's rows in ``results.csv`` (``train_task`` -1)."""
+
 MAX_SEED = 2**32 - 1
 """The largest seed ``lightning.seed_everything`` (numpy) accepts; task ``i`` of a run is seeded with ``seed + i``."""
 
@@ -73,9 +78,17 @@ _RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger", "r
 _TRAINER_DISPLAY_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "callbacks"}
 
 
+# Config keys added after runs were written: hashed only when set to something else, so those runs still resume.
+_LATER_KEY_DEFAULTS = {"evaluate_future": False, "label_space": "seen"}
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """A stable hash of everything in ``config`` that can change a run's results."""
-    relevant = {k: v for k, v in config.items() if k not in _RUN_CONTROL_KEYS}
+    relevant = {
+        k: v
+        for k, v in config.items()
+        if k not in _RUN_CONTROL_KEYS and not (k in _LATER_KEY_DEFAULTS and v == _LATER_KEY_DEFAULTS[k])
+    }
     if isinstance(relevant.get("trainer"), dict):
         relevant["trainer"] = {k: v for k, v in relevant["trainer"].items() if k not in _TRAINER_DISPLAY_KEYS}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -293,6 +306,10 @@ class Engine:
         resume: Continue after the last checkpoint in ``out`` instead of refusing a non-empty ``out``.
         keep_checkpoints: Keep only the newest N task checkpoints (0: keep all).
         protocol: ``"class_incremental"`` or ``"task_incremental"`` (see :data:`cil.method.PROTOCOLS`).
+        evaluate_future: Also score every task not trained yet, after every step, and (for methods that score
+            classes by name) every task before the first: R's upper triangle and the zero-shot baseline, which FWT
+            and MTIL's Transfer need (:mod:`cil.transfer`).
+        label_space: ``"seen"`` or ``"stream"``: the classes a test image is scored among (:mod:`cil.transfer`).
         retention: Held-out tasks that are never trained: the nearest-prototype accuracy of the backbone's features
             on them is measured before the first task and after every task (:mod:`cil.retention`).
         count_flops: Count the training FLOPs of every task (see :class:`_FlopSampler`): the fit and the feature
@@ -321,11 +338,17 @@ class Engine:
         protocol: str = "class_incremental",
         count_flops: bool = True,
         retention: Stream | None = None,
+        evaluate_future: bool = False,
+        label_space: str = "seen",
         verbose: bool = False,
     ) -> None:
         method.set_protocol(protocol)  # validates the name and the method's support
         _check_task_kinds(method, stream, protocol)
+        _check_scenario(method, stream)
+        check_evaluation(method, stream, protocol, label_space, evaluate_future)
         self.protocol = protocol
+        self.evaluate_future, self.label_space = evaluate_future, label_space
+        self.zero_shot = ZeroShotScorer(method, stream) if method.scores_unseen else None
         self.count_flops = count_flops
         self.retention = retention
         self.method = method
@@ -335,7 +358,7 @@ class Engine:
         self.data = data or DataConfig()
         self.seed = seed
         self.verbose = verbose
-        self.config = config or api_config(method, stream, self.data, seed, protocol)
+        self.config = config or api_config(method, stream, self.data, seed, protocol, evaluate_future, label_space)
         self.resume = resume
         self.keep_checkpoints = keep_checkpoints
         self.config_hash = config_hash(self.config)
@@ -405,11 +428,22 @@ class Engine:
     def _run_task(self, task: Task) -> None:
         method = self.method
         seen_tasks = self.stream.tasks[: task.index + 1]
-        retention_before = None
-        if self.retention is not None and task.index == 0:  # the pre-trained model, before anything changes it
-            retention_before = self._retention(self.trainer_factory(task.index, [], {"logger": False}))
-        L.seed_everything(self.seed + task.index, workers=True, verbose=False)  # after the probe: same RNG either way
-        log.info("task %d/%d %s: %d new classes", task.index + 1, len(self.stream), task.name, task.num_classes)
+        retention_before, baseline = None, []
+        future_s = 0.0
+        if task.index == 0:  # the pre-trained model, before anything changes it; probes leave the RNG alone
+            probe = self.trainer_factory(task.index, [], {"logger": False})
+            if self.retention is not None:
+                retention_before = self._retention(probe)
+            if self.evaluate_future and self.zero_shot is not None:  # the zero-shot baseline of FWT
+                started = time.perf_counter()
+                self.features.trainer = probe
+                baseline = self._evaluate(probe, -1, self.stream.tasks)
+                future_s = time.perf_counter() - started
+        L.seed_everything(self.seed + task.index, workers=True, verbose=False)  # after the probes: same RNG either way
+        new = sum(c >= len(method.seen_classes) for c in task.classes)  # none after the first domain of a DIL stream
+        log.info(
+            "task %d/%d %s: %d classes, %d new", task.index + 1, len(self.stream), task.name, task.num_classes, new
+        )
         started = time.perf_counter()
         method.extra_train_flops = 0.0
         method.begin_task(task)
@@ -444,19 +478,25 @@ class Engine:
         earlier_flops = _cumulative_flops(self.task_costs)
         cumulative_flops = None if train_flops is None or earlier_flops is None else earlier_flops + train_flops
         started_eval = time.perf_counter()
-        rows = self._evaluate(trainer, task, seen_tasks, cumulative_flops)
+        rows = self._evaluate(trainer, task.index, seen_tasks, cumulative_flops)
         retention = self._retention(trainer) if self.retention is not None else None
-        self.results.extend({**row, "retention_acc": retention} for row in rows)
         eval_s = time.perf_counter() - started_eval
+        future = self.stream.tasks[task.index + 1 :] if self.evaluate_future else ()
+        if future:  # tasks not trained yet: R's upper triangle
+            started_future = time.perf_counter()
+            rows += self._evaluate(trainer, task.index, future, cumulative_flops)
+            future_s += time.perf_counter() - started_future
+        self.results.extend({**row, "retention_acc": retention} for row in [*baseline, *rows])
         self.task_costs.append(
             {
                 "task": task.index,
                 "task_name": task.name,
-                "n_new_classes": task.num_classes,
+                "n_new_classes": len(method.new_classes),
                 "n_train": len(task.train),  # type: ignore[arg-type]
                 "fit_s": round(fit_s, 3),
                 "eval_s": round(eval_s, 3),
-                "wall_s": round(fit_s + eval_s, 3),
+                **({"future_eval_s": round(future_s, 3)} if self.evaluate_future else {}),
+                "wall_s": round(fit_s + eval_s + future_s, 3),
                 "train_images": train_images,
                 "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type, misc]
                 "trainable_params": trainable,
@@ -520,27 +560,18 @@ class Engine:
 
     @torch.no_grad()
     def _evaluate(
-        self, trainer: L.Trainer, task: Task, seen_tasks: Sequence[Task], cumulative_flops: int | None = None
+        self, trainer: L.Trainer, step: int, tasks: Sequence[Task], cumulative_flops: int | None = None
     ) -> list[dict[str, Any]]:
+        """One row of results per task of ``tasks``, scored after ``step`` (-1: before the first task)."""
         method = self.method
-        metric = TaskAccuracy(num_tasks=len(seen_tasks))
+        metric = TaskAccuracy(num_tasks=len(self.stream))
         average_precision: dict[int, float] = {}
-        for seen in seen_tasks:
-            if method.embedding_frozen:
-                embeddings, labels = self.features(seen.test)
-                with method.evaluating():
-                    logits = torch.cat(
-                        [method.classify(chunk.to(method.device)).float().cpu() for chunk in embeddings.split(4096)]
-                    )
-            else:
-                logits, labels = self._predict(trainer, seen.test, "logits")
-            if logits.shape[1] != len(method.seen_classes):
-                raise ValueError(
-                    f"{type(method).__name__} returned {logits.shape[1]} logits; expected one per seen class "
-                    f"({len(method.seen_classes)})"
-                )
-            own = logits[:, seen.classes[0] : seen.classes[-1] + 1]  # [N, C_task]
-            if seen.kind == "multilabel":  # mean average precision over the task's labels, as NEVIS scores them
+        if self.zero_shot is not None:
+            self.zero_shot.reset()  # the method changed since the last step
+        for scored in tasks:
+            logits, labels = self._logits(trainer, scored)  # [N, C_seen] or [N, C_stream], [N]
+            own = logits[:, scored.classes[0] : scored.classes[-1] + 1]  # [N, C_task]
+            if scored.kind == "multilabel":  # mean average precision over the task's labels, as NEVIS scores them
                 shown = labels.sum(dim=0) > 0  # AP is undefined for labels no test image has (sklearn skips them)
                 score = (
                     multilabel_average_precision(
@@ -549,37 +580,60 @@ class Engine:
                     if shown.any()
                     else torch.tensor(float("nan"))
                 )
-                average_precision[seen.index] = 100.0 * float(score)
+                average_precision[scored.index] = 100.0 * float(score)
                 continue
             if self.protocol == "task_incremental":  # the task is known: choose among its own classes only
-                predictions = own.argmax(dim=1) + seen.classes[0]
+                predictions = own.argmax(dim=1) + scored.classes[0]
             else:
                 predictions = logits.argmax(dim=1)
-            metric.update(predictions, labels, torch.full_like(labels, seen.index))
+            metric.update(predictions, labels, torch.full_like(labels, scored.index))
         correct, total = metric.correct.tolist(), metric.total.tolist()
         accuracy = metric.accuracy().tolist()
         rows = []
-        for seen in seen_tasks:
-            multilabel = seen.index in average_precision
+        for scored in tasks:
+            multilabel = scored.index in average_precision
             rows.append(
                 {
                     "method": self.method_name,
                     "stream": self.stream.name,
                     "seed": self.seed,
                     "protocol": self.protocol,
-                    "train_task": task.index,
-                    "eval_task": seen.index,
-                    "train_task_name": task.name,
-                    "eval_task_name": seen.name,
+                    "train_task": step,
+                    "eval_task": scored.index,
+                    "train_task_name": self.stream.tasks[step].name if step >= 0 else BEFORE_TRAINING,
+                    "eval_task_name": scored.name,
                     "n_seen_classes": len(method.seen_classes),
                     "metric": "map" if multilabel else "top1",
-                    "accuracy": round(average_precision[seen.index] if multilabel else accuracy[seen.index], 6),
-                    "n_correct": None if multilabel else correct[seen.index],
-                    "n_test": len(seen.test) if multilabel else total[seen.index],  # type: ignore[arg-type]
+                    "accuracy": round(average_precision[scored.index] if multilabel else accuracy[scored.index], 6),
+                    "n_correct": None if multilabel else correct[scored.index],
+                    "n_test": len(scored.test) if multilabel else total[scored.index],  # type: ignore[arg-type]
                     "cum_train_flops": cumulative_flops,
                 }
             )
         return rows
+
+    def _logits(self, trainer: L.Trainer, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of ``task``'s test images over the label space, with global class ids as columns, and labels:
+        from the method's head (``[N, C_seen]``) or, where it has no outputs for the task's classes or the label
+        space is the whole stream, from its zero-shot classifier (``[N, C_stream]``, :mod:`cil.transfer`)."""
+        method = self.method
+        if self.zero_shot is not None and needs_zero_shot(task, method, self.label_space):
+            embeddings, labels = self.features(task.test)
+            return self.zero_shot(embeddings), labels
+        if method.embedding_frozen:
+            embeddings, labels = self.features(task.test)
+            with method.evaluating():
+                logits = torch.cat(
+                    [method.classify(chunk.to(method.device)).float().cpu() for chunk in embeddings.split(4096)]
+                )
+        else:
+            logits, labels = self._predict(trainer, task.test, "logits")
+        if logits.shape[1] != len(method.seen_classes):
+            raise ValueError(
+                f"{type(method).__name__} returned {logits.shape[1]} logits; expected one per seen class "
+                f"({len(method.seen_classes)})"
+            )
+        return logits, labels
 
     # ---- run directory ---------------------------------------------------------------------------------------
     def _write(self, task: Task) -> None:
@@ -791,13 +845,23 @@ def _quiet_lightning() -> Iterator[None]:
                 logger.setLevel(level)
 
 
-def api_config(method: CILMethod, stream: Stream, data: DataConfig, seed: int, protocol: str) -> dict[str, Any]:
+def api_config(
+    method: CILMethod,
+    stream: Stream,
+    data: DataConfig,
+    seed: int,
+    protocol: str,
+    evaluate_future: bool = False,
+    label_space: str = "seen",
+) -> dict[str, Any]:
     """The configuration of a run built in Python, in the shape of ``cil run``'s: what ``config.yaml`` records and
     what ``--resume`` checks."""
     backbone = method.backbone
     config = {
         "seed_everything": seed,
         "protocol": protocol,
+        "evaluate_future": evaluate_future,
+        "label_space": label_space,
         "backbone": {"name": backbone.name, "weights": backbone.weights, "input_size": backbone.input_size},
         "method": {
             "class_path": f"{type(method).__module__}.{type(method).__qualname__}",
@@ -825,7 +889,8 @@ def describe_stream(stream: Stream) -> dict[str, Any]:
         }
         for task in stream
     ]
-    return {"name": stream.name, "metadata": stream.metadata, "tasks": tasks}
+    scenario = {} if stream.scenario == "class_incremental" else {"scenario": stream.scenario}  # older runs' hashes
+    return {"name": stream.name, **scenario, "metadata": stream.metadata, "tasks": tasks}
 
 
 def stream_fingerprint(stream: Stream) -> str:
@@ -847,6 +912,16 @@ def _cumulative_flops(task_costs: list[dict[str, Any]]) -> int | None:
     """Training FLOPs of all tasks so far; None if any task was not counted."""
     counts: list[Any] = [cost.get("train_flops") for cost in task_costs]
     return None if any(c is None for c in counts) else sum(int(c) for c in counts)
+
+
+def _check_scenario(method: CILMethod, stream: Stream) -> None:
+    if stream.scenario in method.supported_scenarios:
+        return
+    able = [name for name in list_methods() if stream.scenario in method_class(name).supported_scenarios]
+    raise ValueError(
+        f"{type(method).__name__} is not defined for {stream.scenario.replace('_', '-')} streams such as "
+        f"{stream.name!r}; use one that is ({', '.join(able)}) or another stream"
+    )
 
 
 def _check_task_kinds(method: CILMethod, stream: Stream, protocol: str) -> None:

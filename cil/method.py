@@ -92,6 +92,10 @@ class CILMethod(L.LightningModule):
     """Protocols the method is defined for; the engine refuses the others with a message."""
     supports_multilabel: ClassVar[bool] = False
     """Whether the method can learn multi-label tasks (multi-hot targets, sigmoid outputs)."""
+    supported_scenarios: ClassVar[tuple[str, ...]] = ("class_incremental",)
+    """Stream scenarios (:data:`cil.stream.SCENARIOS`) the method is defined for. ``domain_incremental`` needs a
+    method that learns classes it has seen before from new images (later domains bring no new class); the engine
+    refuses the others with a message."""
     supports_distributed: ClassVar[bool] = False
     """Whether the method is shown (``tests/test_distributed.py``) to give the single-process answer under DDP, where
     the engine gathers predictions, broadcasts rank 0's state after every task and sums counts; the engine refuses
@@ -103,6 +107,17 @@ class CILMethod(L.LightningModule):
         if type(self).supports_distributed:
             return None
         return f"{type(self).__name__} is not yet shown to give the single-process answer on several processes"
+
+    @property
+    def scores_unseen(self) -> bool:
+        """Whether the method can score classes it has not trained on, from their names alone (a CLIP class-name
+        head): then :meth:`zero_shot_classifier` scores tasks before they are trained (:mod:`cil.transfer`)."""
+        return False
+
+    def zero_shot_classifier(self, class_names: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A classifier over the classes named, trained on or not: embeddings ``[B, D]`` -> logits
+        ``[B, len(class_names)]``, as the method would score them now. Only for :attr:`scores_unseen` methods."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score classes by name")
 
     def __init__(self, backbone: Backbone) -> None:
         super().__init__()
@@ -140,13 +155,15 @@ class CILMethod(L.LightningModule):
         self.before_task(task)
 
     def grow(self, task: Task) -> None:
-        """Records the task's classes and expands the heads. Structural and deterministic given the RNG state:
-        the engine replays it when restoring a checkpoint."""
+        """Records the task's new classes (those no earlier task had: all of them in a class-incremental stream,
+        none after the first domain of a domain-incremental one) and expands the heads by them. Structural and
+        deterministic given the RNG state: the engine replays it when restoring a checkpoint."""
         self.task_index = task.index
-        self.new_classes = list(task.classes)
+        self.new_classes = [c for c in task.classes if c >= len(self.seen_classes)]  # ids follow first appearance
         self.seen_classes = self.seen_classes + self.new_classes
-        self.task_of_class = self.task_of_class + [task.index] * task.num_classes
-        self.expand_heads(len(task.classes))
+        self.task_of_class = self.task_of_class + [task.index] * len(self.new_classes)
+        if self.new_classes:  # a later domain adds no output (and must not rebuild the heads' parameters)
+            self.expand_heads(len(self.new_classes))
 
     def expand_heads(self, num_new: int) -> None:
         """Adds outputs for ``num_new`` classes to every growing head."""

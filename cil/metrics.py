@@ -6,6 +6,9 @@ commands and notebooks that read run directories do not import torch.
 Notation: ``R[i, j]`` is the top-1 accuracy (percent) on task ``j``'s test set after training task ``i``
 (``T x T``; entries that were not evaluated are NaN, e.g. the upper triangle in class-incremental learning,
 where the model has no logits for classes it has not seen). ``n_test[j]`` is the size of task ``j``'s test set.
+The upper triangle (``j > i``: task ``j`` scored before it was trained) exists for methods that score classes they
+have not trained on (``cil run --evaluate_future true``, :mod:`cil.transfer`) and in domain-incremental streams;
+``baseline[j]`` is then task ``j``'s score before the first task (the pre-trained model, zero-shot).
 
 Worked example (3 tasks, 100 test images each)::
 
@@ -19,6 +22,20 @@ Worked example (3 tasks, 100 test images each)::
     avg_forgetting      = 17.5                 # ((90 - 60) + (80 - 75)) / 2  -> mean over tasks 0..T-2
     bwt                 = -17.5                # ((60 - 90) + (75 - 80)) / 2
     old_new             = old: [nan, 70, 67.5], new: [90, 80, 85]
+
+MTIL's three numbers (Zheng et al., ZSCL, ICCV 2023; CoDyRA, MoE-Adapters) are column statistics of a full
+matrix, per task and then averaged over tasks::
+
+    R = [[90, 40, 30],
+         [70, 80, 35],
+         [60, 75, 85]]
+
+    mtil_transfer_per_task = [nan, 40, 32.5]  # mean of R[:j, j]: task j before it was trained
+    mtil_transfer          = 36.25             # mean over tasks 1..T-1 (task 0 has no "before")
+    mtil_average_per_task  = [73.33, 65, 50]   # mean of the whole column: every step
+    mtil_average           = 62.78
+    mtil_last_per_task     = [60, 75, 85]      # the last row
+    mtil_last              = 73.33
 
 Differences from LAMDA-PILOT: PILOT's forgetting takes, for each old task, the max over *all* steps including
 the last one, so it is never negative; ours follows Chaudhry et al. (2018), the max over the steps *before* the
@@ -44,6 +61,12 @@ __all__ = [
     "forgetting_per_task",
     "fwt",
     "last_acc",
+    "mtil_average",
+    "mtil_average_per_task",
+    "mtil_last",
+    "mtil_last_per_task",
+    "mtil_transfer",
+    "mtil_transfer_per_task",
     "old_new_accuracy",
     "seen_accuracy",
 ]
@@ -93,13 +116,15 @@ def last_acc(R: ArrayLike, n_test: ArrayLike | None = None) -> float:
 def forgetting_per_task(R: ArrayLike, step: int | None = None) -> FloatArray:
     """Forgetting of each old task at ``step`` (default: the last), Chaudhry et al. (2018).
 
-    ``f_j = max_{l < step} R[l, j] - R[step, j]`` for ``j < step``; shape ``[step]``.
+    ``f_j = max_{j <= l < step} R[l, j] - R[step, j]`` for ``j < step``; shape ``[step]``. Only steps from task
+    ``j``'s own on count: a score from before it was trained (the upper triangle) was never learned, so it cannot be
+    forgotten.
     """
     matrix = _square(R)
     k = matrix.shape[0] - 1 if step is None else step
     if not 0 <= k < matrix.shape[0]:
         raise ValueError(f"step {k} is outside the stream's {matrix.shape[0]} tasks")
-    return np.array([np.nanmax(matrix[:k, j]) - matrix[k, j] for j in range(k)])
+    return np.array([np.nanmax(matrix[j:k, j]) - matrix[k, j] for j in range(k)])
 
 
 def avg_forgetting(R: ArrayLike) -> float:
@@ -132,6 +157,42 @@ def fwt(R: ArrayLike, baseline: ArrayLike) -> float:
     if base.shape != (num_tasks,):
         raise ValueError(f"baseline must have one entry per task ({num_tasks}), got shape {base.shape}")
     return float(np.mean([matrix[j - 1, j] - base[j] for j in range(1, num_tasks)]))
+
+
+def mtil_transfer_per_task(R: ArrayLike) -> FloatArray:
+    """MTIL's Transfer of each task: the mean of ``R[:j, j]``, its scores after each earlier step (before it was
+    trained); NaN for task 0, and wherever one of those scores was not measured. Shape ``[T]``."""
+    matrix = _square(R)
+    out = np.full(matrix.shape[0], np.nan)
+    for j in range(1, matrix.shape[0]):
+        out[j] = matrix[:j, j].mean()
+    return out
+
+
+def mtil_transfer(R: ArrayLike) -> float:
+    """MTIL's Transfer: :func:`mtil_transfer_per_task` averaged over tasks ``1..T-1``; NaN with fewer than 2 tasks."""
+    per_task = mtil_transfer_per_task(R)[1:]
+    return float(per_task.mean()) if per_task.size else float("nan")
+
+
+def mtil_average_per_task(R: ArrayLike) -> FloatArray:
+    """MTIL's Average of each task: the mean of its column, over every step before and after it was trained."""
+    return _square(R).mean(axis=0)
+
+
+def mtil_average(R: ArrayLike) -> float:
+    """MTIL's Average: :func:`mtil_average_per_task` averaged over tasks (the mean of the whole matrix)."""
+    return float(mtil_average_per_task(R).mean())
+
+
+def mtil_last_per_task(R: ArrayLike) -> FloatArray:
+    """MTIL's Last of each task: its score after the whole stream (the last row)."""
+    return _square(R)[-1].copy()
+
+
+def mtil_last(R: ArrayLike) -> float:
+    """MTIL's Last: the last row averaged over tasks (unweighted, unlike :func:`last_acc`)."""
+    return float(mtil_last_per_task(R).mean())
 
 
 def old_new_accuracy(R: ArrayLike, n_test: ArrayLike | None = None) -> tuple[FloatArray, FloatArray]:

@@ -103,7 +103,9 @@ def _layer_order(layer: str) -> tuple[int, str]:
 
 
 def seen_accuracy_per_step(runs: pd.DataFrame) -> pd.DataFrame:
-    """Accuracy on all seen classes after each step (test images pooled), one row per (run, step)."""
+    """Accuracy on all seen classes after each step (test images pooled), one row per (run, step); the scores of
+    tasks not trained yet and of the zero-shot baseline (``--evaluate_future``) are not part of it."""
+    runs = runs[runs["eval_task"] <= runs["train_task"]]
     runs = runs.assign(n_hit=runs["accuracy"] * runs["n_test"] / 100.0)  # also for mAP rows, which have no n_correct
     pooled = runs.groupby(["run", "method", "stream", "seed", "train_task"], sort=False)[["n_hit", "n_test"]].sum()
     pooled["seen_accuracy"] = 100.0 * pooled["n_hit"] / pooled["n_test"]

@@ -5,7 +5,9 @@ Run directory contract (later tools rely on these names)::
     OUT/config.yaml           resolved config of the run
     OUT/stream.json           the stream as built: tasks, sizes, years, splits, skipped tasks
     OUT/results.csv           one row per (train_task, eval_task): protocol, metric (top1 | map), accuracy (the
-                              score, percent), n_correct, n_test, cum_train_flops, ...
+                              score, percent), n_correct, n_test, cum_train_flops, ...; with evaluate_future also
+                              the tasks not trained yet (eval_task > train_task) and the zero-shot baseline
+                              (train_task -1, before the first task)
     OUT/tasks.csv             one row per trained task: cost (fit / eval seconds, images, parameters, train_flops)
     OUT/accuracy_matrix.csv   R[i, j] in percent (rows: after training task i, columns: task j)
     OUT/summary.json          the headline metrics, see :func:`summarize`
@@ -35,10 +37,12 @@ import yaml
 from cil import metrics
 
 __all__ = [
+    "PER_TASK_METRICS",
     "RESULT_COLUMNS",
     "accuracy_matrix",
     "atomic_write_bytes",
     "atomic_write_text",
+    "baseline_accuracy",
     "content_sha256",
     "find_runs",
     "load_runs",
@@ -145,12 +149,24 @@ def _content_chunks(value: Any) -> Iterator[bytes | memoryview]:
 
 
 def accuracy_matrix(results: pd.DataFrame, num_tasks: int | None = None) -> np.ndarray:
-    """``R [T, T]`` from a results frame of one run; entries that were not evaluated are NaN."""
-    size = num_tasks or int(max(results["train_task"].max(), results["eval_task"].max()) + 1)
+    """``R [T, T]`` from a results frame of one run; entries that were not evaluated are NaN. The baseline's rows
+    (``train_task`` -1) are not part of it: see :func:`baseline_accuracy`."""
+    trained = results[results["train_task"] >= 0]
+    size = num_tasks or int(max(trained["train_task"].max(), results["eval_task"].max()) + 1)
     matrix = np.full((size, size), np.nan)
-    rows = results[["train_task", "eval_task"]].to_numpy(dtype=int)
-    matrix[rows[:, 0], rows[:, 1]] = results["accuracy"].to_numpy(dtype=float)
+    rows = trained[["train_task", "eval_task"]].to_numpy(dtype=int)
+    matrix[rows[:, 0], rows[:, 1]] = trained["accuracy"].to_numpy(dtype=float)
     return matrix
+
+
+def baseline_accuracy(results: pd.DataFrame, num_tasks: int) -> np.ndarray:
+    """Each task's score before the first task was trained (the zero-shot baseline, ``train_task`` -1), ``[T]``;
+    NaN where it was not measured (every task, unless the run evaluated the future with a method that scores
+    classes by name)."""
+    baseline = np.full(num_tasks, np.nan)
+    before = results[results["train_task"] < 0]
+    baseline[before["eval_task"].to_numpy(dtype=int)] = before["accuracy"].to_numpy(dtype=float)
+    return baseline
 
 
 def _finite(value: float) -> float | None:
@@ -167,32 +183,53 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
     NEVIS's headline, ``avg_error``, is the mean over tasks of the error on each task right after training on it
     (``100 - R[j, j]``); ``final_avg_error`` is the same on the last row (after the whole stream), and
     ``final_task_scores`` that row itself. ``train_flops`` sums every task's counted training FLOPs.
+
+    FWT needs R's upper triangle and the zero-shot ``baseline`` (``evaluate_future``), MTIL's ``mtil_transfer`` and
+    ``mtil_average`` the full matrix of a finished run: null otherwise. ``mtil_last`` (the last row's unweighted
+    mean) exists for every finished run. Per task, in stream order (``task_names``): ``final_task_scores``,
+    ``forgetting_per_task`` (null for the last task) and ``mtil_{transfer,average,last}_per_task``.
     """
-    finished = int(results["train_task"].max()) + 1
-    R = accuracy_matrix(results, finished)
-    n_test = results.groupby("eval_task")["n_test"].first().reindex(range(finished)).to_numpy(dtype=float)
+    trained = results[results["train_task"] >= 0]
+    finished = int(trained["train_task"].max()) + 1
+    num_tasks = stream_length or finished
+    full = accuracy_matrix(results, max(num_tasks, finished))
+    R = full[:finished, :finished]
+    n_test = trained.groupby("eval_task")["n_test"].first().reindex(range(finished)).to_numpy(dtype=float)
     seen = metrics.seen_accuracy(R, n_test)
     old, new = metrics.old_new_accuracy(R, n_test)
     fit_s, eval_s = float(tasks["fit_s"].sum()), float(tasks["eval_s"].sum())
     train_images, eval_images = float(tasks["train_images"].sum()), float(tasks["eval_images"].sum())
-    baseline = np.full(finished, np.nan)  # accuracy of the untrained model: not measured by class-incremental runs
+    baseline = baseline_accuracy(results, full.shape[0])  # [T]: every task, trained yet or not
     flops = tasks["train_flops"] if "train_flops" in tasks else pd.Series([None])
+    complete = finished == num_tasks
+    mtil = full if complete else np.full_like(full, np.nan)  # MTIL's columns need every step
+    names = trained.groupby("eval_task")["eval_task_name"].first().reindex(range(finished))
+    forgetting = metrics.forgetting_per_task(R)
     return {
         "method": str(results["method"].iloc[0]),
         "stream": str(results["stream"].iloc[0]),
         "seed": int(results["seed"].iloc[0]),
         "protocol": str(results["protocol"].iloc[0]) if "protocol" in results else "class_incremental",
         "finished_tasks": finished,
-        "num_tasks": stream_length or finished,
-        "complete": stream_length is None or finished == stream_length,
+        "num_tasks": num_tasks,
+        "complete": complete,
         "avg_incremental_acc": _finite(float(seen.mean())),
         "last_acc": _finite(float(seen[-1])),
         "avg_forgetting": _finite(metrics.avg_forgetting(R)),
         "bwt": _finite(metrics.bwt(R)),
-        "fwt": _finite(metrics.fwt(R, baseline)),
+        "fwt": _finite(metrics.fwt(R, baseline[:finished])),
+        "mtil_transfer": _finite(metrics.mtil_transfer(mtil)),
+        "mtil_average": _finite(metrics.mtil_average(mtil)),
+        "mtil_last": _finite(metrics.mtil_last(mtil)),
         "avg_error": _finite(float(np.mean(100.0 - np.diag(R)))),
         "final_avg_error": _finite(float(np.mean(100.0 - R[-1]))),
+        "task_names": [str(name) for name in names],
         "final_task_scores": [_finite(v) for v in R[-1]],
+        "forgetting_per_task": [_finite(v) for v in [*forgetting, np.nan]],
+        "mtil_transfer_per_task": [_finite(v) for v in metrics.mtil_transfer_per_task(mtil)[:finished]],
+        "mtil_average_per_task": [_finite(v) for v in metrics.mtil_average_per_task(mtil)[:finished]],
+        "mtil_last_per_task": [_finite(v) for v in metrics.mtil_last_per_task(mtil)[:finished]],
+        "zero_shot_baseline": [_finite(v) for v in baseline],
         "seen_accuracy": [_finite(v) for v in seen],
         "old_accuracy": [_finite(v) for v in old],
         "new_accuracy": [_finite(v) for v in new],
@@ -206,6 +243,18 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
         "train_flops": None if flops.isna().any() else sum(int(v) for v in flops),  # Python ints: no int64 overflow
         **_retention_summary(tasks),
     }
+
+
+PER_TASK_METRICS: dict[str, tuple[str, str | None]] = {
+    "final_accuracy": ("final_task_scores", None),
+    "forgetting": ("forgetting_per_task", "avg_forgetting"),
+    "mtil_transfer": ("mtil_transfer_per_task", "mtil_transfer"),
+    "mtil_average": ("mtil_average_per_task", "mtil_average"),
+    "mtil_last": ("mtil_last_per_task", "mtil_last"),
+}
+"""Per-task metrics of ``summary.json``: ``name -> (its list of one value per task, the summary key of their average,
+or None for the plain mean of the list)``; :func:`load_summaries` with ``per_task=True`` gives one row per task and
+one ``Average`` row per run."""
 
 
 def _retention_summary(tasks: pd.DataFrame) -> dict[str, Any]:
@@ -311,11 +360,16 @@ def _read_config(file: Path) -> dict[str, Any]:
     return config
 
 
-def load_summaries(paths: Iterable[str | os.PathLike[str]], with_config: bool = False) -> pd.DataFrame:
+def load_summaries(
+    paths: Iterable[str | os.PathLike[str]], with_config: bool = False, per_task: bool = False
+) -> pd.DataFrame:
     """One row per run with its ``summary.json`` (per-step lists dropped) and a ``run`` column.
 
     ``with_config`` adds the run's resolved ``config.yaml`` flattened to dotted ``config.*`` columns
     (``config.method.init_args.lr``), so tables can split rows by any hyper-parameter, e.g. an ablation switch.
+    ``per_task`` gives one row per (run, task) instead, with a ``task`` column (the task's name, and ``Average``
+    for the run's average over tasks) and the :data:`PER_TASK_METRICS` of that task as columns: the layout of
+    MTIL's tables (a column group per dataset) and of per-domain tables.
     """
     rows = []
     for path in find_runs(paths):
@@ -325,8 +379,28 @@ def load_summaries(paths: Iterable[str | os.PathLike[str]], with_config: bool = 
             config = _read_config(path / "config.yaml")
             flat = pd.json_normalize(config, sep=".").iloc[0].to_dict()
             row.update({f"config.{key}": _hashable(value) for key, value in flat.items()})
-        rows.append(row)
+        rows.extend(_per_task_rows(path, summary, row) if per_task else [row])
     return pd.DataFrame(rows)
+
+
+def _per_task_rows(path: Path, summary: dict[str, Any], row: dict[str, Any]) -> list[dict[str, Any]]:
+    names = summary.get("task_names")
+    if not isinstance(names, list):
+        raise ValueError(
+            f"{str(path / 'summary.json')!r} has no task_names (written by an older cil); resume the run "
+            "(`cil run ... --resume true`) to rewrite its summary"
+        )
+    scalars = {key: value for key, value in row.items() if key not in PER_TASK_METRICS}
+    rows = [{**scalars, "task": name} for name in names]
+    average = {**scalars, "task": "Average"}
+    for metric, (list_key, average_key) in PER_TASK_METRICS.items():
+        values = [None if v is None else float(v) for v in summary.get(list_key) or [None] * len(names)]
+        for task_row, value in zip(rows, values, strict=False):
+            task_row[metric] = value
+        finite = [v for v in values if v is not None]
+        mean = sum(finite) / len(finite) if finite and len(finite) == len(values) else None
+        average[metric] = summary.get(average_key) if average_key is not None else mean
+    return [*rows, average]
 
 
 def _hashable(value: Any) -> Any:

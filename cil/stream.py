@@ -10,20 +10,32 @@ from typing import Any
 from cil._registry import Registry
 from cil.task import Task
 
-__all__ = ["Stream", "build_stream", "list_streams", "register_stream"]
+__all__ = ["SCENARIOS", "Stream", "build_stream", "list_streams", "register_stream"]
+
+SCENARIOS = ("class_incremental", "domain_incremental")
+"""How a stream's tasks relate. ``class_incremental``: every task brings classes no earlier task had, numbered
+on from the last (a class-incremental split, a NEVIS stream of datasets). ``domain_incremental``: every task
+holds the same classes, in a new domain (UCI digits, then MNIST, then rendered digits; CORe50, DomainNet)."""
 
 
 @dataclass(frozen=True, eq=False)
 class Stream:
-    """An ordered sequence of tasks. ``metadata`` records how it was built (split, subset sizes, ...)."""
+    """An ordered sequence of tasks. ``metadata`` records how it was built (split, subset sizes, ...); ``scenario``
+    is one of :data:`SCENARIOS`."""
 
     name: str
     tasks: tuple[Task, ...]
     metadata: dict[str, Any] = field(default_factory=dict)
+    scenario: str = "class_incremental"
 
     def __post_init__(self) -> None:
         if not self.tasks:
             raise ValueError(f"stream {self.name!r} has no tasks")
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"stream {self.name!r}: scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+        if self.scenario == "domain_incremental":
+            self._check_shared_label_space()
+            return
         expected = 0
         for index, task in enumerate(self.tasks):
             if task.index != index:
@@ -34,6 +46,19 @@ class Stream:
                     f"contiguous in order of appearance, starting at {expected}"
                 )
             expected += task.num_classes
+
+    def _check_shared_label_space(self) -> None:
+        first = self.tasks[0]
+        for index, task in enumerate(self.tasks):
+            if task.index != index:
+                raise ValueError(f"stream {self.name!r}: task {task.name} has index {task.index}, expected {index}")
+            if task.kind != "multiclass":
+                raise ValueError(f"stream {self.name!r}: a domain-incremental task must be multiclass ({task.name})")
+            if task.classes != tuple(range(first.num_classes)) or task.class_names != first.class_names:
+                raise ValueError(
+                    f"stream {self.name!r} is domain-incremental, so every task must hold the classes 0..C-1 with "
+                    f"the same names as the first; task {task.name} has {task.classes} {task.class_names}"
+                )
 
     def __iter__(self) -> Iterator[Task]:
         return iter(self.tasks)
@@ -46,6 +71,9 @@ class Stream:
 
     @property
     def num_classes(self) -> int:
+        """Classes in the stream's label space (the tasks' classes together)."""
+        if self.scenario == "domain_incremental":
+            return self.tasks[0].num_classes
         return sum(task.num_classes for task in self.tasks)
 
 

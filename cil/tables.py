@@ -28,6 +28,11 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "avg_forgetting": ("Forgetting", "Forgetting", False),
     "bwt": ("BWT", "BWT", True),
     "fwt": ("FWT", "FWT", True),
+    "mtil_transfer": ("Transfer", "Transfer", True),
+    "mtil_average": ("Average", "Average", True),
+    "mtil_last": ("Last", "Last", True),
+    "final_accuracy": ("Final acc", "Final acc", True),  # per task (cil table --per-task)
+    "forgetting": ("Forgetting", "Forgetting", False),  # per task (cil table --per-task)
     "wall_s": ("Time (s)", "Time (s)", False),
     "fit_s": ("Fit (s)", "Fit (s)", False),
     "eval_s": ("Eval (s)", "Eval (s)", False),

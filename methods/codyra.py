@@ -67,6 +67,7 @@ class CoDyRA(CILMethod):
     """
 
     supports_distributed = True
+    supported_scenarios = ("class_incremental", "domain_incremental")  # the loss covers the current task's classes
 
     def __init__(
         self,
@@ -101,18 +102,33 @@ class CoDyRA(CILMethod):
             else ClassNameHead(self.clip, backbone.tokenizer, template)
         )
         self.lora: list[LoRALinear] = []
+        self.task_classes = slice(0, 0)  # the current task's classes (contiguous global ids), set by before_task
+
+    @property
+    def scores_unseen(self) -> bool:
+        return isinstance(self.head, ClassNameHead)  # CLIP scores any class by the text embedding of its name
+
+    def zero_shot_classifier(self, class_names: Sequence[str]) -> Any:
+        if not isinstance(self.head, ClassNameHead):
+            return super().zero_shot_classifier(class_names)
+        head = self.head
+        with torch.no_grad(), self.evaluating():
+            text = torch.cat([head.encode(list(class_names[i : i + 512])) for i in range(0, len(class_names), 512)])
+        return lambda z: head.logits(z, text)
 
     # ---- per task --------------------------------------------------------------------------------------------
     def grow(self, task: Task) -> None:
         super().grow(task)
         if isinstance(self.head, ClassNameHead):
-            self.head.class_names += list(task.class_names)
+            name_of = dict(zip(task.classes, task.class_names, strict=True))
+            self.head.class_names += [name_of[c] for c in self.new_classes]
 
     def trainer_overrides(self, task: Task) -> dict[str, Any]:
         return {"max_epochs": self.epochs} if self.steps is None else {"max_steps": self.steps, "max_epochs": -1}
 
     def before_task(self, task: Task) -> None:
         """Fresh LoRA modules (the previous task's update is already part of the weights)."""
+        self.task_classes = slice(task.classes[0], task.classes[-1] + 1)
         options: dict[str, Any] = {"rank": self.rank, "alpha": float(self.rank), "gated": self.rank_selection}
         if self.clip is not None:
             modules = inject_lora_open_clip(self.clip, self.targets, towers=self.towers, **options)
@@ -129,12 +145,12 @@ class CoDyRA(CILMethod):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        known = self.new_classes[0]
-        if isinstance(self.head, ClassNameHead):  # the new classes' text embeddings, through the text LoRA
-            logits = self.head.logits(self.embed(x), self.head.encode(self.head.class_names[known:]))
+        own = self.task_classes
+        if isinstance(self.head, ClassNameHead):  # the task's text embeddings, through the text LoRA
+            logits = self.head.logits(self.embed(x), self.head.encode(self.head.class_names[own]))
         else:
-            logits = self(x)[:, known:]  # [B, C_new]: earlier tasks' classes take no part in this task's softmax
-        loss = F.cross_entropy(logits, y - known)
+            logits = self(x)[:, own]  # [B, C_task]: earlier tasks' classes take no part in this task's softmax
+        loss = F.cross_entropy(logits, y - own.start)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         return loss
 

