@@ -222,7 +222,7 @@ def summarize(args: list[str]) -> int:
 def table(args: list[str]) -> int:
     import pandas as pd
 
-    from cil.results import load_summaries
+    from cil.results import PER_TASK_METRICS, load_summaries
     from cil.tables import METRICS, TableSpec, aggregate, render
 
     parser = argparse.ArgumentParser(
@@ -233,7 +233,10 @@ def table(args: list[str]) -> int:
     parser.add_argument("--rows", nargs="+", default=["method"], help="summary or config.* keys (default: method)")
     parser.add_argument("--cols", nargs="*", default=None, help="column groups (default: stream; task with --per-task)")
     parser.add_argument(
-        "--metrics", nargs="+", default=["avg_incremental_acc", "last_acc"], help=f"any of {', '.join(METRICS)}"
+        "--metrics",
+        nargs="+",
+        default=None,
+        help=f"any of {', '.join(METRICS)} (default: avg_incremental_acc last_acc; final_accuracy with --per-task)",
     )
     parser.add_argument("--format", choices=["markdown", "latex", "csv"], default="markdown")
     parser.add_argument("--decimals", type=int, default=2)
@@ -246,6 +249,12 @@ def table(args: list[str]) -> int:
         "final_accuracy, forgetting, mtil_transfer, mtil_average, mtil_last",
     )
     options = parser.parse_args(args)
+    metrics = options.metrics or (["final_accuracy"] if options.per_task else ["avg_incremental_acc", "last_acc"])
+    if options.per_task and set(metrics) - set(PER_TASK_METRICS):
+        raise ValueError(
+            f"--per-task tables hold per-task metrics ({', '.join(PER_TASK_METRICS)}); "
+            f"{', '.join(sorted(set(metrics) - set(PER_TASK_METRICS)))} has one value per run: drop --per-task for it"
+        )
     summaries = load_summaries(options.runs, with_config=True, per_task=options.per_task)
     cols = options.cols if options.cols is not None else ([] if options.per_task else ["stream"])
     if options.per_task and "task" not in [*options.rows, *cols]:
@@ -257,7 +266,7 @@ def table(args: list[str]) -> int:
         summaries = summaries[finished]
         if summaries.empty:
             raise ValueError("no finished run among the given directories (--include-incomplete to use them anyway)")
-    spec = TableSpec(rows=options.rows, cols=cols, metrics=options.metrics)
+    spec = TableSpec(rows=options.rows, cols=cols, metrics=metrics)
     print(
         render(aggregate(summaries, spec, compare_paper=options.compare_paper), spec, options.format, options.decimals)
     )

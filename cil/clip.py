@@ -5,19 +5,23 @@ the classifier.
 its cache); ``checkpoint_path`` loads a local open_clip checkpoint; ``model_kwargs`` with ``embed_dim``,
 ``vision_cfg`` and ``text_cfg`` builds an architecture from a config (randomly initialised, as the tests do).
 The backbone's features are CLIP's projected image embeddings; :class:`ClassNameHead` scores them against the text
-embeddings of ``template.format(class_name)``, CLIP's zero-shot classifier, which CoDyRA keeps as its classifier.
+embeddings of each class's prompt (``template.format(class_name)``, with a task's own template where the stream gives
+one: :func:`class_prompts`), CLIP's zero-shot classifier, which CoDyRA keeps as its classifier.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClassNameHead", "build_open_clip"]
+from cil.task import Task
+
+__all__ = ["ClassNameHead", "build_open_clip", "class_prompts"]
 
 PREFIX = "open_clip/"
 
@@ -55,6 +59,18 @@ def build_open_clip(
     )
 
 
+def class_prompts(tasks: Sequence[Task], template: str) -> list[str]:
+    """The prompt of every class of ``tasks``, in global id order: the task's own template (``metadata["prompt"]``,
+    a stream task's ``prompt:``; CoDyRA's and RAIL's code give each dataset its own) or ``template``, filled with the
+    class name (underscores as spaces). Per-dataset templates also keep apart classes that two datasets name alike
+    (Caltech-101's and Food-101's "pizza"), which one template would make indistinguishable."""
+    return [
+        (task.metadata.get("prompt") or template).format(name.replace("_", " "))
+        for task in tasks
+        for name in task.class_names
+    ]
+
+
 class ClassNameHead(nn.Module):
     """``logit_scale * cos(image embedding, text embedding of each class's prompt)``, ``[B, C_seen]``.
 
@@ -68,25 +84,24 @@ class ClassNameHead(nn.Module):
         super().__init__()
         self.clip: list[Any] = [clip]  # a list: the backbone owns the module, the head must not register it twice
         self.tokenizer, self.template = tokenizer, template
-        self.class_names: list[str] = []
+        self.prompts: list[str] = []  # one per seen class, in global id order
         self.register_buffer("text", torch.zeros(0, int(clip.visual.output_dim)))
 
     def expand(self, num_new: int) -> None:
         self.text = torch.cat([self.text, self.text.new_zeros(num_new, self.text.shape[1])])
 
-    def encode(self, names: list[str]) -> torch.Tensor:
-        """Normalised text embeddings of the prompts for ``names`` ``[N, E]`` (differentiable)."""
+    def encode(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Normalised text embeddings of ``prompts`` ``[N, E]`` (differentiable)."""
         clip = self.clip[0]
-        prompts = [self.template.format(name.replace("_", " ")) for name in names]
-        tokens = self.tokenizer(prompts, context_length=int(clip.context_length))  # [N, L]
+        tokens = self.tokenizer(list(prompts), context_length=int(clip.context_length))  # [N, L]
         return F.normalize(clip.encode_text(tokens.to(self.text.device)), dim=-1)
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Recomputes the cached text embeddings of every seen class."""
-        if len(self.class_names) != self.text.shape[0]:
-            raise ValueError(f"{len(self.class_names)} class names for {self.text.shape[0]} classes")
-        self.text = self.encode(self.class_names).to(self.text)
+        if len(self.prompts) != self.text.shape[0]:
+            raise ValueError(f"{len(self.prompts)} prompts for {self.text.shape[0]} classes")
+        self.text = self.encode(self.prompts).to(self.text)
 
     def logits(self, z: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         scale = self.clip[0].logit_scale.exp().detach()

@@ -320,7 +320,8 @@ class Engine:
 
     A run applies :func:`cil._malloc.tune_malloc` (glibc allocator settings, 2-3x faster CPU training) unless
     ``CIL_NO_MALLOC_TUNING=1``. Without a ``config`` (Python API), ``config.yaml`` records the method's class and
-    arguments, the backbone, the stream, the data settings, the seed and the protocol.
+    arguments, the backbone, the stream, the data settings, the seed, the protocol, ``evaluate_future`` and
+    ``label_space``.
     """
 
     def __init__(
@@ -344,7 +345,7 @@ class Engine:
     ) -> None:
         method.set_protocol(protocol)  # validates the name and the method's support
         _check_task_kinds(method, stream, protocol)
-        _check_scenario(method, stream)
+        _check_scenario(method, stream, protocol)
         check_evaluation(method, stream, protocol, label_space, evaluate_future)
         self.protocol = protocol
         self.evaluate_future, self.label_space = evaluate_future, label_space
@@ -419,7 +420,11 @@ class Engine:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        return summarize(pd.DataFrame(self.results), pd.DataFrame(self.task_costs), len(self.stream))
+        summary = summarize(pd.DataFrame(self.results), pd.DataFrame(self.task_costs), len(self.stream))
+        position = list(summary).index("protocol") + 1  # how the run was scored, beside its protocol
+        items = list(summary.items())
+        scoring = [("label_space", self.label_space), ("evaluate_future", self.evaluate_future)]
+        return dict(items[:position] + scoring + items[position:])
 
     def accuracy_matrix(self) -> np.ndarray:
         return accuracy_matrix(pd.DataFrame(self.results, columns=RESULT_COLUMNS), len(self.stream))
@@ -428,25 +433,18 @@ class Engine:
     def _run_task(self, task: Task) -> None:
         method = self.method
         seen_tasks = self.stream.tasks[: task.index + 1]
-        retention_before, baseline = None, []
-        future_s = 0.0
-        if task.index == 0:  # the pre-trained model, before anything changes it; probes leave the RNG alone
-            probe = self.trainer_factory(task.index, [], {"logger": False})
-            if self.retention is not None:
-                retention_before = self._retention(probe)
-            if self.evaluate_future and self.zero_shot is not None:  # the zero-shot baseline of FWT
-                started = time.perf_counter()
-                self.features.trainer = probe
-                baseline = self._evaluate(probe, -1, self.stream.tasks)
-                future_s = time.perf_counter() - started
+        retention_before = None
+        if self.retention is not None and task.index == 0:  # the pre-trained model, before anything changes it
+            retention_before = self._retention(self.trainer_factory(task.index, [], {"logger": False}))
+        baseline, future_s = self._baseline() if task.index == 0 else ([], 0.0)
         L.seed_everything(self.seed + task.index, workers=True, verbose=False)  # after the probes: same RNG either way
-        new = sum(c >= len(method.seen_classes) for c in task.classes)  # none after the first domain of a DIL stream
-        log.info(
-            "task %d/%d %s: %d classes, %d new", task.index + 1, len(self.stream), task.name, task.num_classes, new
-        )
         started = time.perf_counter()
         method.extra_train_flops = 0.0
         method.begin_task(task)
+        log.info(
+            "task %d/%d %s: %d classes, %d new",
+            *(task.index + 1, len(self.stream), task.name, task.num_classes, len(method.new_classes)),
+        )
         fits = method.needs_fit(task)
         trainable = method.num_trainable_parameters() if fits else 0  # before after_task may freeze it
         counter = _ImageCounter()
@@ -478,6 +476,8 @@ class Engine:
         earlier_flops = _cumulative_flops(self.task_costs)
         cumulative_flops = None if train_flops is None or earlier_flops is None else earlier_flops + train_flops
         started_eval = time.perf_counter()
+        if self.zero_shot is not None:
+            self.zero_shot.reset()  # the method changed in this task: its classifier is rebuilt once, on first use
         rows = self._evaluate(trainer, task.index, seen_tasks, cumulative_flops)
         retention = self._retention(trainer) if self.retention is not None else None
         eval_s = time.perf_counter() - started_eval
@@ -495,8 +495,8 @@ class Engine:
                 "n_train": len(task.train),  # type: ignore[arg-type]
                 "fit_s": round(fit_s, 3),
                 "eval_s": round(eval_s, 3),
+                "wall_s": round(fit_s + eval_s, 3),  # the run's cost: scoring the future is extra, below
                 **({"future_eval_s": round(future_s, 3)} if self.evaluate_future else {}),
-                "wall_s": round(fit_s + eval_s + future_s, 3),
                 "train_images": train_images,
                 "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type, misc]
                 "trainable_params": trainable,
@@ -524,6 +524,17 @@ class Engine:
             trainer.fit(method, train_dataloaders=loader)
         finally:
             method.phase = "task"
+
+    def _baseline(self) -> tuple[list[dict[str, Any]], float]:
+        """Every task scored by the pre-trained model before the first task, zero-shot (FWT's baseline), and the
+        seconds it took; nothing unless ``evaluate_future`` is on and the method scores classes by name."""
+        if not self.evaluate_future or self.zero_shot is None:
+            return [], 0.0
+        started = time.perf_counter()
+        probe = self.trainer_factory(0, [], {"logger": False})
+        self.features.trainer = probe
+        self.zero_shot.reset()
+        return self._evaluate(probe, -1, self.stream.tasks), time.perf_counter() - started
 
     def _retention(self, trainer: L.Trainer) -> float:
         assert self.retention is not None
@@ -566,8 +577,6 @@ class Engine:
         method = self.method
         metric = TaskAccuracy(num_tasks=len(self.stream))
         average_precision: dict[int, float] = {}
-        if self.zero_shot is not None:
-            self.zero_shot.reset()  # the method changed since the last step
         for scored in tasks:
             logits, labels = self._logits(trainer, scored)  # [N, C_seen] or [N, C_stream], [N]
             own = logits[:, scored.classes[0] : scored.classes[-1] + 1]  # [N, C_task]
@@ -914,7 +923,13 @@ def _cumulative_flops(task_costs: list[dict[str, Any]]) -> int | None:
     return None if any(c is None for c in counts) else sum(int(c) for c in counts)
 
 
-def _check_scenario(method: CILMethod, stream: Stream) -> None:
+def _check_scenario(method: CILMethod, stream: Stream, protocol: str) -> None:
+    if stream.scenario == "domain_incremental" and protocol == "task_incremental":
+        raise ValueError(
+            f"{stream.name!r} is domain-incremental: every task holds the same classes, so protocol task_incremental "
+            "(choose among the image's own task's classes) would score exactly as class_incremental while its name "
+            "says a head per domain; use protocol class_incremental"
+        )
     if stream.scenario in method.supported_scenarios:
         return
     able = [name for name in list_methods() if stream.scenario in method_class(name).supported_scenarios]

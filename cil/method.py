@@ -114,9 +114,15 @@ class CILMethod(L.LightningModule):
         head): then :meth:`zero_shot_classifier` scores tasks before they are trained (:mod:`cil.transfer`)."""
         return False
 
-    def zero_shot_classifier(self, class_names: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A classifier over the classes named, trained on or not: embeddings ``[B, D]`` -> logits
-        ``[B, len(class_names)]``, as the method would score them now. Only for :attr:`scores_unseen` methods."""
+    def zero_shot_prompts(self, tasks: Sequence[Task]) -> list[str]:
+        """What tells each class of ``tasks`` apart to a method that scores classes by name (CLIP: its prompt), in
+        global id order: two classes with the same prompt get the same score. Only for :attr:`scores_unseen`."""
+        raise NotImplementedError(f"{type(self).__name__} cannot score classes by name")
+
+    def zero_shot_classifier(self, tasks: Sequence[Task]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A classifier over the classes of ``tasks``, trained on or not: embeddings ``[B, D]`` -> logits
+        ``[B, C]`` (the tasks' classes in global id order), as the method would score them now. Only for
+        :attr:`scores_unseen` methods."""
         raise NotImplementedError(f"{type(self).__name__} cannot score classes by name")
 
     def __init__(self, backbone: Backbone) -> None:
@@ -159,11 +165,17 @@ class CILMethod(L.LightningModule):
         none after the first domain of a domain-incremental one) and expands the heads by them. Structural and
         deterministic given the RNG state: the engine replays it when restoring a checkpoint."""
         self.task_index = task.index
-        self.new_classes = [c for c in task.classes if c >= len(self.seen_classes)]  # ids follow first appearance
+        self.new_classes = self.unseen_classes(task)
         self.seen_classes = self.seen_classes + self.new_classes
         self.task_of_class = self.task_of_class + [task.index] * len(self.new_classes)
         if self.new_classes:  # a later domain adds no output (and must not rebuild the heads' parameters)
             self.expand_heads(len(self.new_classes))
+
+    def unseen_classes(self, task: Task) -> list[int]:
+        """The classes of ``task`` the method has not learned yet (global ids follow first appearance, so these are
+        the ids from ``len(seen_classes)`` on): all of a class-incremental task's before it is trained, none of a
+        later domain's."""
+        return [c for c in task.classes if c >= len(self.seen_classes)]
 
     def expand_heads(self, num_new: int) -> None:
         """Adds outputs for ``num_new`` classes to every growing head."""

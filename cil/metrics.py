@@ -6,9 +6,10 @@ commands and notebooks that read run directories do not import torch.
 Notation: ``R[i, j]`` is the top-1 accuracy (percent) on task ``j``'s test set after training task ``i``
 (``T x T``; entries that were not evaluated are NaN, e.g. the upper triangle in class-incremental learning,
 where the model has no logits for classes it has not seen). ``n_test[j]`` is the size of task ``j``'s test set.
-The upper triangle (``j > i``: task ``j`` scored before it was trained) exists for methods that score classes they
-have not trained on (``cil run --evaluate_future true``, :mod:`cil.transfer`) and in domain-incremental streams;
-``baseline[j]`` is then task ``j``'s score before the first task (the pre-trained model, zero-shot).
+The upper triangle (``j > i``: task ``j`` scored before it was trained) is measured with ``cil run --evaluate_future
+true`` (:mod:`cil.transfer`), for methods that score classes they have not trained on, and on domain-incremental
+streams after the first domain; ``baseline[j]`` is task ``j``'s score before the first task (the pre-trained model,
+zero-shot), for the former only.
 
 Worked example (3 tasks, 100 test images each)::
 
@@ -146,8 +147,8 @@ def fwt(R: ArrayLike, baseline: ArrayLike) -> float:
     """Forward transfer (Lopez-Paz & Ranzato, 2017): mean of ``R[j-1, j] - baseline[j]`` over ``j >= 1``.
 
     ``R[j-1, j]`` is the accuracy on task ``j`` *before* training it and ``baseline[j]`` the accuracy of the
-    untrained model on it. Both exist only for methods that can predict classes they have not trained on;
-    otherwise they are NaN and so is the result.
+    untrained model on it. Both are measured only with ``evaluate_future`` (``R[j-1, j]`` also on domain-incremental
+    streams, ``baseline`` only for methods that score classes by name); otherwise they are NaN and so is the result.
     """
     matrix = _square(R)
     base = np.asarray(baseline, dtype=np.float64)

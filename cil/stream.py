@@ -70,11 +70,15 @@ class Stream:
         return self.tasks[index]
 
     @property
+    def label_tasks(self) -> tuple[Task, ...]:
+        """The tasks whose classes make up the label space, in global id order: every task, or the first domain of
+        a domain-incremental stream (the others repeat its classes)."""
+        return self.tasks[:1] if self.scenario == "domain_incremental" else self.tasks
+
+    @property
     def num_classes(self) -> int:
         """Classes in the stream's label space (the tasks' classes together)."""
-        if self.scenario == "domain_incremental":
-            return self.tasks[0].num_classes
-        return sum(task.num_classes for task in self.tasks)
+        return sum(task.num_classes for task in self.label_tasks)
 
 
 StreamFactory = Callable[..., Stream]

@@ -12,8 +12,9 @@ Which classes compete for a test image (``label_space``):
 
 * ``seen`` (default): the seen classes (protocol ``class_incremental``) or the image's own task's classes
   (``task_incremental``, MTIL's protocol: each dataset among its own class names, trained yet or not).
-* ``stream``: every class of the stream, trained on or not, after every step and before the first (X-TAIL, Xu et
-  al. 2024): seen and future tasks alike are scored among all the stream's class names.
+* ``stream``: every class of the stream, trained on or not (X-TAIL, Xu et al. 2024): at every step (and, with
+  ``evaluate_future``, before the first) seen and future tasks alike are scored among all the stream's classes,
+  each by its prompt; two classes with the same prompt are refused, as the later one could never win.
 
 With ``class_incremental`` and ``seen``, a future task's classes are not among the candidates, so the engine
 refuses ``evaluate_future`` there unless the stream is domain-incremental. The engine stays a loop: it asks
@@ -51,6 +52,7 @@ def check_evaluation(method: CILMethod, stream: Stream, protocol: str, label_spa
                 f"label_space stream needs a method that scores classes it has not trained on by name, and {name} "
                 "cannot (codyra can, with an open_clip backbone); use label_space seen"
             )
+        _check_prompts_differ(method, stream)
     if not evaluate_future:
         return
     if stream.scenario == "domain_incremental":
@@ -69,10 +71,30 @@ def check_evaluation(method: CILMethod, stream: Stream, protocol: str, label_spa
         )
 
 
+def _check_prompts_differ(method: CILMethod, stream: Stream) -> None:
+    """Under the stream label space two classes with the same prompt score alike, so the later one's images could
+    never be right (an argmax picks the first): refused, naming them."""
+    prompts = method.zero_shot_prompts(stream.label_tasks)
+    names = [(task.name, name) for task in stream.label_tasks for name in task.class_names]
+    first: dict[str, int] = {}
+    clashes = []
+    for index, prompt in enumerate(prompts):
+        if prompt in first:
+            clashes.append(f"{names[index][1]!r} of {names[index][0]} and of {names[first[prompt]][0]}")
+        first.setdefault(prompt, index)
+    if clashes:
+        raise ValueError(
+            f"label_space stream scores every image among all the stream's classes, and {len(clashes)} classes have "
+            f"the prompt of an earlier one ({'; '.join(clashes[:3])}{'; ...' if len(clashes) > 3 else ''}), so their "
+            "images could never be scored right; give those tasks their own prompt (a stream task's `prompt: "
+            "'a photo of a {}, a type of food.'`), or use label_space seen"
+        )
+
+
 def needs_zero_shot(task: Task, method: CILMethod, label_space: str) -> bool:
     """Whether ``task`` is scored by the method's zero-shot classifier rather than its head: every task under the
     ``stream`` label space, and tasks with classes the head does not have yet (future tasks, the baseline)."""
-    return label_space == "stream" or task.classes[-1] >= len(method.seen_classes)
+    return label_space == "stream" or bool(method.unseen_classes(task))
 
 
 class ZeroShotScorer:
@@ -83,9 +105,7 @@ class ZeroShotScorer:
     """
 
     def __init__(self, method: CILMethod, stream: Stream) -> None:
-        self.method = method
-        tasks = stream.tasks[:1] if stream.scenario == "domain_incremental" else stream.tasks
-        self.class_names = [name for task in tasks for name in task.class_names]  # in global id order
+        self.method, self.stream = method, stream
         self._classify: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def reset(self) -> None:
@@ -96,6 +116,6 @@ class ZeroShotScorer:
         method = self.method
         with method.evaluating():
             if self._classify is None:
-                self._classify = method.zero_shot_classifier(self.class_names)
+                self._classify = method.zero_shot_classifier(self.stream.label_tasks)
             logits = [self._classify(chunk.to(method.device)).float().cpu() for chunk in embeddings.split(4096)]
         return torch.cat(logits)

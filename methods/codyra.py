@@ -29,14 +29,14 @@ Departures:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from cil.backbones import Backbone
-from cil.clip import ClassNameHead
+from cil.clip import ClassNameHead, class_prompts
 from cil.heads import IncrementalLinear
 from cil.layers import LoRALinear, inject, inject_lora_open_clip, unload_lora
 from cil.method import CILMethod, FeatureFn, register_method
@@ -62,7 +62,8 @@ class CoDyRA(CILMethod):
         weight_decay: AdamW weight decay.
         epochs: Epochs per task.
         steps: Optimiser steps per task instead of epochs (the authors train 500 iterations per task).
-        template: CLIP only: the prompt whose text embedding represents a class.
+        template: CLIP only: the prompt whose text embedding represents a class, where the task has none of its own
+            (a stream task's ``prompt:``, see :func:`cil.clip.class_prompts`).
         towers: CLIP only: the transformers that get LoRA (``visual``, ``text``).
     """
 
@@ -108,20 +109,25 @@ class CoDyRA(CILMethod):
     def scores_unseen(self) -> bool:
         return isinstance(self.head, ClassNameHead)  # CLIP scores any class by the text embedding of its name
 
-    def zero_shot_classifier(self, class_names: Sequence[str]) -> Any:
+    def zero_shot_prompts(self, tasks: Sequence[Task]) -> list[str]:
         if not isinstance(self.head, ClassNameHead):
-            return super().zero_shot_classifier(class_names)
-        head = self.head
+            return super().zero_shot_prompts(tasks)
+        return class_prompts(tasks, self.head.template)
+
+    def zero_shot_classifier(self, tasks: Sequence[Task]) -> Callable[[torch.Tensor], torch.Tensor]:
+        if not isinstance(self.head, ClassNameHead):
+            return super().zero_shot_classifier(tasks)
+        head, prompts = self.head, self.zero_shot_prompts(tasks)
         with torch.no_grad(), self.evaluating():
-            text = torch.cat([head.encode(list(class_names[i : i + 512])) for i in range(0, len(class_names), 512)])
+            text = torch.cat([head.encode(prompts[i : i + 512]) for i in range(0, len(prompts), 512)])  # [C, E]
         return lambda z: head.logits(z, text)
 
     # ---- per task --------------------------------------------------------------------------------------------
     def grow(self, task: Task) -> None:
         super().grow(task)
         if isinstance(self.head, ClassNameHead):
-            name_of = dict(zip(task.classes, task.class_names, strict=True))
-            self.head.class_names += [name_of[c] for c in self.new_classes]
+            prompt_of = dict(zip(task.classes, class_prompts([task], self.head.template), strict=True))
+            self.head.prompts += [prompt_of[c] for c in self.new_classes]
 
     def trainer_overrides(self, task: Task) -> dict[str, Any]:
         return {"max_epochs": self.epochs} if self.steps is None else {"max_steps": self.steps, "max_epochs": -1}
@@ -147,7 +153,7 @@ class CoDyRA(CILMethod):
         x, y = batch
         own = self.task_classes
         if isinstance(self.head, ClassNameHead):  # the task's text embeddings, through the text LoRA
-            logits = self.head.logits(self.embed(x), self.head.encode(self.head.class_names[own]))
+            logits = self.head.logits(self.embed(x), self.head.encode(self.head.prompts[own]))
         else:
             logits = self(x)[:, own]  # [B, C_task]: earlier tasks' classes take no part in this task's softmax
         loss = F.cross_entropy(logits, y - own.start)

@@ -14,10 +14,10 @@ quickstart uses an ImageNet EfficientNet-Lite0 at reduced resolution, so its num
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from cil.backbones import Backbone
 from cil.heads import PrototypeHead
@@ -37,11 +37,7 @@ class SimpleCIL(CILMethod):
         super().__init__(backbone)
         self.backbone.requires_grad_(False)
         self.head: PrototypeHead = PrototypeHead(backbone.num_features)
-        self.training_sets: list[Dataset[Any]] = []  # every task's training data so far (replayed by grow on resume)
-
-    def grow(self, task: Task) -> None:
-        super().grow(task)
-        self.training_sets.append(task.train)
+        self.class_images: dict[int, int] = {}  # training images behind each prototype (domains average by it)
 
     @property
     def embedding_frozen(self) -> bool:
@@ -51,7 +47,23 @@ class SimpleCIL(CILMethod):
         return False
 
     def after_task(self, task: Task, features: FeatureFn) -> None:
-        seen_before = len(self.new_classes) < task.num_classes  # a later domain: its classes have earlier images
-        parts = [features(data) for data in (self.training_sets if seen_before else [task.train])]  # cached: frozen
-        embeddings, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])  # [N, D], [N]
-        self.head.set_prototypes(embeddings, labels, list(task.classes))
+        embeddings, labels = features(task.train)  # [N, D], [N] (or multi-hot [N, C_task])
+        earlier = {c: self.class_images[c] for c in task.classes if c in self.class_images}
+        previous = {c: self.head.prototypes[c].clone() for c in earlier}
+        self.head.set_prototypes(embeddings, labels, list(task.classes))  # this task's class means
+        if labels.ndim != 1:
+            return  # multi-label tasks are class-incremental: no class comes back
+        for c in task.classes:
+            images = int((labels == c).sum())
+            if c in earlier:  # a later domain: the mean over every image of the class so far
+                total = earlier[c] + images
+                with torch.no_grad():
+                    self.head.prototypes[c] = (previous[c] * earlier[c] + self.head.prototypes[c] * images) / total
+            self.class_images[c] = earlier.get(c, 0) + images
+
+    def cil_state(self) -> dict[str, Any]:
+        return {**super().cil_state(), "class_images": dict(self.class_images)}
+
+    def load_cil_state(self, state: dict[str, Any], tasks: Sequence[Task]) -> None:
+        super().load_cil_state(state, tasks)
+        self.class_images = dict(state.get("class_images", {}))  # absent before domain streams: never needed there

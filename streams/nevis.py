@@ -59,6 +59,7 @@ class TaskSpec:
     root: str | None = None
     kind: str = "multiclass"
     optional: bool = False  # skipped (and recorded) when its data is missing, without skip_missing
+    prompt: str | None = None  # the template a CLIP class-name head fills with this task's class names ("{}")
 
     @classmethod
     def parse(cls, entry: dict[str, Any], where: str) -> TaskSpec:
@@ -72,6 +73,8 @@ class TaskSpec:
         spec = cls(**{**entry, "year": year, "dataset": str(entry["dataset"])})
         if spec.kind not in TASK_KINDS:
             raise ValueError(f"{where}: kind must be one of {TASK_KINDS}, got {spec.kind!r}")
+        if spec.prompt is not None and str(spec.prompt).count("{}") != 1:
+            raise ValueError(f"{where}: prompt must hold one {{}} for the class name, got {spec.prompt!r}")
         if spec.source.get("type") != "offline" and spec.root is None:
             raise KeyError(f"{where}: task {spec.dataset!r} needs a 'root' (its folder under the data root)")
         return spec
@@ -187,6 +190,8 @@ def _make_task(
     eval_keep = _cap(eval_labels, test_per_class, split_seed + 1)
     eval_idx, eval_labels = eval_idx[eval_keep], eval_labels[eval_keep]
     metadata = {"dataset": spec.dataset, "year": spec.year, "source": spec.source.get("type"), "mode": mode}
+    if spec.prompt is not None:  # only when given: the stream's fingerprint of earlier runs stays the same
+        metadata["prompt"] = spec.prompt
     if multilabel:
         classes = tuple(range(first_id, first_id + len(source.class_names)))
         task = Task(

@@ -188,7 +188,9 @@ def test_codyra_with_clip_classifies_with_class_name_embeddings(tmp_path: Path) 
     engine = Engine(method, stream, tmp_path, trainer_factory=cpu_trainers(tmp_path), data=TINY_DATA, seed=1)
     engine.run()
     head = method.head
-    assert isinstance(head, ClassNameHead) and head.class_names == [n for t in stream for n in t.class_names]
+    assert isinstance(head, ClassNameHead) and head.prompts == [
+        f"a photo of a {n}." for t in stream for n in t.class_names
+    ]
     assert head.text.shape == (10, 16) and torch.allclose(head.text.norm(dim=1), torch.ones(10))
     ranks = selected_ranks(pd.read_csv(tmp_path / "tasks.csv"))
     assert ranks["layer"].str.startswith("clip.transformer.resblocks").any()  # the text tower was adapted too

@@ -26,7 +26,7 @@ from cil.heads import PrototypeHead
 from cil.method import CILMethod, create_method, list_methods, method_class
 from cil.results import load_summaries
 from cil.stream import Stream, build_stream
-from tests.conftest import TINY_DATA, run_engine, tiny_backbone
+from tests.conftest import TINY_DATA, crash_during, run_engine, tiny_backbone
 
 # The tiny ViT is random: AdamW moves it in a few steps, SGD at the pre-trained learning rate barely does.
 FROM_SCRATCH: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0}
@@ -118,6 +118,27 @@ def test_simplecil_prototypes_average_every_domain_so_far(stream: Stream, tmp_pa
     torch.testing.assert_close(prototypes(method), saved)
     last_only = class_means(*embed(untouched, stream[-1].train))
     assert not torch.allclose(prototypes(method), last_only, atol=1e-3)  # the check tells the two apart
+
+
+def test_simplecil_resumed_after_a_crash_gives_the_same_prototypes_and_costs(stream: Stream, tmp_path: Path) -> None:
+    """The images behind each prototype are checkpointed, so a resumed run averages later domains the same way and
+    embeds nothing twice (train_images and FLOPs as in the uninterrupted run)."""
+    torch.manual_seed(0)
+    backbone = tiny_backbone()
+    reference = run_engine(tmp_path / "reference", create_method("simplecil", copy.deepcopy(backbone)), stream)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_engine(tmp_path / "resumed", crash_during(create_method("simplecil", copy.deepcopy(backbone)), 2), stream)
+    resumed = run_engine(tmp_path / "resumed", create_method("simplecil", copy.deepcopy(backbone)), stream, resume=True)
+    torch.testing.assert_close(prototypes(resumed.method), prototypes(reference.method), rtol=0, atol=0)
+    costs = [pd.read_csv(out / "tasks.csv") for out in (tmp_path / "reference", tmp_path / "resumed")]
+    for column in ("train_images", "train_flops"):
+        assert costs[0][column].tolist() == costs[1][column].tolist()
+
+
+def test_task_incremental_on_a_domain_stream_is_refused(stream: Stream, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="use protocol class_incremental"):
+        Engine(create_method("simplecil", tiny_backbone()), stream, tmp_path / "out", protocol="task_incremental")
+    assert not (tmp_path / "out").exists()
 
 
 def test_simplecil_on_one_domain_keeps_that_domain_mean(tmp_path: Path) -> None:

@@ -320,6 +320,15 @@ def test_codyra_mtil_preset_follows_zscl_order_one() -> None:
     assert [task["source"]["class"] for task in tasks] == MTIL_ORDER
 
 
+def test_codyra_xtail_preset_prompts_each_dataset_with_its_own_template() -> None:
+    tasks = _get(_load("codyra_xtail.yaml"), "stream.tasks")
+    prompts = {task["dataset"]: task["prompt"] for task in tasks}
+    assert len(prompts) == 10 and all(prompt.count("{}") == 1 for prompt in prompts.values())
+    # CoDyRA's scenario_datasets/collections.py:146-154: class 'number: "<name>"' in 'a photo of the number: "{}".'
+    assert prompts["MNIST"].format("0 - zero") == 'a photo of the number: "number: "0 - zero"".'
+    assert prompts["Food 101"] == "a photo of {}, a type of food."  # RAIL's food101.py:5 (see the preset)
+
+
 def test_codyra_preset_follows_the_xtail_order() -> None:
     tasks = _get(_load("codyra_xtail.yaml"), "stream.tasks")
     assert [task["source"]["class"] for task in tasks] == XTAIL_ORDER
