@@ -48,11 +48,15 @@ FAMILIES: dict[str, list[str]] = {
     "kfpf": ["--config", str(ROOT / "configs/experiments/kfpf_offline.yaml")],  # FPF's steps inside the fit
     "aper": ["--config", str(ROOT / "configs/experiments/aper_ssf_offline.yaml")],  # prototypes of a tuned copy
     "codyra": ["--config", str(ROOT / "configs/experiments/codyra_offline.yaml")],
+    # MTIL: the zero-shot baseline and the tasks not trained yet, scored by a tiny random CLIP's class names
+    "codyra_mtil": ["--config", str(ROOT / "configs/paper/codyra_mtil.yaml")],
 }
+AFTER_TINY = {"codyra_mtil": ["--config", str(ROOT / "tests" / "data" / "tiny_clip_overrides.yaml")]}
 
 
 def _cil_run(out: Path, family: str, processes: int) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "cil.cli", "run", *FAMILIES[family], "--config", TINY, "--out", str(out)]
+    command = [sys.executable, "-m", "cil.cli", "run", *FAMILIES[family], "--config", TINY, *AFTER_TINY.get(family, [])]
+    command += ["--out", str(out)]
     if processes > 1:
         command += ["--trainer.strategy", "ddp", "--trainer.devices", str(processes)]
     done = subprocess.run(command, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -82,6 +86,9 @@ def _restored(run: Path, copy: Path) -> tuple[cil.Engine, cil.CILMethod]:
         seed=int(config["seed_everything"]),
         config=config,
         resume=True,
+        protocol=str(config.get("protocol", "class_incremental")),
+        evaluate_future=bool(config.get("evaluate_future", False)),
+        label_space=str(config.get("label_space", "seen")),
     )
     assert engine._restore() == len(stream)
     return engine, method
@@ -91,7 +98,7 @@ def _one_process_evaluation(run: Path, copy: Path) -> list[float]:
     engine, _ = _restored(run, copy)
     trainer = engine.trainer_factory(len(engine.stream) - 1, [], {"logger": False})
     engine.features.trainer = trainer
-    rows = engine._evaluate(trainer, engine.stream.tasks[-1], engine.stream.tasks)
+    rows = engine._evaluate(trainer, len(engine.stream) - 1, engine.stream.tasks)
     return [row["accuracy"] for row in rows]
 
 
@@ -126,6 +133,19 @@ def test_a_training_method_on_two_processes_scores_what_its_checkpoint_scores(fa
         assert tasks["ensemble_acc"].iloc[-1] == pytest.approx(100 * last["n_correct"].sum() / last["n_test"].sum())
     if family == "finetune":  # 2 epochs of 100 images, counted on both ranks (each trained on 50 per epoch)
         assert tasks["train_images"].tolist() == [200, 200]
+
+
+def test_scoring_the_future_on_two_processes(tmp_path: Path) -> None:
+    """The baseline (the untrained CLIP, the same on both runs) is the one-process baseline, every future score
+    covers the whole test set once, and the last row is what one process scores from the final checkpoint."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    _cil_run(one, "codyra_mtil", 1)
+    results = _check_two_process_run(two, _cil_run(two, "codyra_mtil", 2))
+    baseline = results[results["train_task"] == -1]
+    pd.testing.assert_frame_equal(baseline, pd.read_csv(one / "results.csv").query("train_task == -1"))
+    assert len(baseline) == 2 and (results["eval_task"] > results["train_task"]).sum() == 3  # 2 baseline + R[0, 1]
+    last = results[results["train_task"] == results["train_task"].max()].sort_values("eval_task")
+    assert last["accuracy"].tolist() == pytest.approx(_one_process_evaluation(two, tmp_path / "restored"), abs=1e-6)
 
 
 def test_a_two_process_run_resumes_from_its_checkpoint_on_both_processes(tmp_path: Path) -> None:

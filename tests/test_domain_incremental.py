@@ -264,7 +264,7 @@ def test_the_other_supporting_methods_learn_later_domains_in_one_label_space(
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert pd.read_csv(tmp_path / "tasks.csv")["n_new_classes"].tolist() == [10, 0, 0]
     if name == "codyra_clip":
-        assert method.head.class_names == [str(d) for d in range(10)]  # type: ignore[union-attr]
+        assert method.head.prompts == [f"a photo of a {d}." for d in range(10)]  # type: ignore[union-attr]
         assert None not in summary["zero_shot_baseline"] and summary["fwt"] is not None
     else:
         assert summary["fwt"] is None

@@ -98,7 +98,7 @@ def test_mos_keeps_task_adapters_and_reports_retrieval(tmp_path: Path) -> None:
     engine.run()
     bank = method.adapter_bank.clone()
     assert bank.shape[0] == 5 and all(not torch.equal(bank[i], bank[i + 1]) for i in range(4))
-    engine._evaluate(engine.features.trainer, engine.stream[-1], engine.stream.tasks)  # type: ignore[arg-type]
+    engine._evaluate(engine.features.trainer, len(engine.stream) - 1, engine.stream.tasks)  # type: ignore[arg-type]
     torch.testing.assert_close(method.adapter_bank, bank)  # evaluation never rewrites stored adapters
     tasks = pd.read_csv(tmp_path / "tasks.csv")
     # the recorded retrieval accuracy after the last task is the share of test images whose retrieved adapter is
