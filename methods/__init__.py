@@ -5,6 +5,7 @@ from methods.codyra import CoDyRA
 from methods.er import ER
 from methods.finetune import Finetune, Joint
 from methods.fpf import FPF, KFPF
+from methods.l2p import L2P
 from methods.lae import LAE, LAEAdapter, LAELoRA, LAEPrefix
 from methods.mos import MOS
 from methods.simplecil import SimpleCIL
@@ -15,6 +16,7 @@ __all__ = [
     "ER",
     "FPF",
     "KFPF",
+    "L2P",
     "LAE",
     "MOS",
     "APERAdapter",

@@ -30,7 +30,7 @@ def pool(name: str) -> str:
 # Prefix tuning only steers attention over a pre-trained model's features; on the random tiny ViT it cannot fit the
 # digits (measured: training loss 1.61 -> 1.49 in 25 epochs at any lr). For these methods the contract checks that
 # training moved their parameters; that they learn is measured on the pre-trained offline ViT (benchmarks/).
-NEEDS_PRETRAINED_FEATURES = {"lae_prefix"}
+NEEDS_PRETRAINED_FEATURES = {"lae_prefix", "l2p"}  # L2P: prompt tokens in front of frozen random blocks, the same
 
 
 # LoRA on K and V of the random tiny ViT needs a larger step than the other PET kinds (tests/test_lae.py, TINY_LR).
@@ -38,7 +38,12 @@ LR_OVERRIDES = {"lae_lora": 1e-2}
 
 
 # Fewer FPF steps than the defaults (100 per run, k = 10 runs) keep the contract quick; tests/test_fpf.py tests FPF.
-FPF_OVERRIDES: dict[str, dict[str, object]] = {"kfpf": {"fpf_steps": 10}, "fpf": {"fpf_steps": 10}}
+# L2P's 25 prompt tokens would triple the tiny ViT's sequence (and its cost); 2 tokens exercise the same code.
+QUICKER: dict[str, dict[str, object]] = {
+    "kfpf": {"fpf_steps": 10},
+    "fpf": {"fpf_steps": 10},
+    "l2p": {"pool_size": 4, "length": 1, "top_k": 2},
+}
 
 
 def from_scratch_kwargs(name: str) -> dict[str, object]:
@@ -48,7 +53,7 @@ def from_scratch_kwargs(name: str) -> dict[str, object]:
         kwargs["lr"] = LR_OVERRIDES[name]
     if "method_args" in accepted:  # a wrapper (fpf): the from-scratch optimiser goes to the wrapped method
         kwargs["method_args"] = from_scratch_kwargs("finetune")
-    return {**kwargs, **FPF_OVERRIDES.get(name, {})}
+    return {**kwargs, **QUICKER.get(name, {})}
 
 
 # A held-out task for the retention probe, which every method must answer with its backbone's own features.

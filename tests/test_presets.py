@@ -137,8 +137,29 @@ AUTHORS_XTAIL: list[Row] = [
     ("codyra_xtail.yaml", "evaluate_future", True, CODYRA + " main.py:219 (every dataset after every task)"),
 ]
 
+
+def _l2p(dataset: str, json_file: str, epochs: int, batch: int, increment: int) -> list[Row]:
+    """The rows of an L2P preset (LAMDA-PILOT's exps/l2p*.json, read by models/l2p.py)."""
+    preset, json = f"l2p_{dataset}.yaml", PILOT + f" exps/{json_file}:"
+    return [
+        (preset, "method.init_args.epochs", epochs, json + "16"),
+        (preset, "method.init_args.lr", 0.001875, json + "17"),
+        (preset, "data.batch_size", batch, json + "18"),
+        (preset, "method.init_args.weight_decay", 0.0, json + "19"),
+        (preset, "method.init_args.pool_size", 10, json + "33-47"),
+        (preset, "method.init_args.length", 5, json + "33-47"),
+        (preset, "method.init_args.top_k", 5, json + "33-47"),
+        (preset, "method.init_args.pull_weight", 0.1, json + "33-47"),
+        (preset, "stream.increment", increment, json + "8-9"),
+        (preset, "seed_everything", 1993, json + "14"),
+        (preset, "backbone.name", "vit_base_patch16_224.augreg_in21k_ft_in1k", PILOT + " backbone/vit_l2p.py:89-91"),
+    ]
+
+
 # (preset file, dotted key, the authors' value, where it was read)
 AUTHORS: list[Row] = [
+    *_l2p("cifar100_b0inc10", "l2p.json", 5, 16, 10),
+    *_l2p("imagenet_r_b0inc20", "l2p_inr.json", 10, 32, 20),
     *AUTHORS_XTAIL,
     *_aper("adapter", "aper_adapter/cifar224_5_5_vit-b_adapter.json", 20, 0.01, 48, "aper_adapter.py", 108),
     (

@@ -17,6 +17,7 @@ from cil.layers._base import PEFTModule, select_blocks, unwrap, vit_blocks
 from cil.layers._flat import FlatPEFT
 from cil.layers._lora import LoRALinear, _AddLoRA, inject_lora, inject_lora_open_clip
 from cil.layers._prompt import PrefixAttention, PromptedBlock, inject_prefix, inject_vpt
+from cil.layers._prompt_pool import PromptPool, l2_normalize, prompted_tokens
 from cil.layers._ssf import ScaleShift, inject_ssf
 
 __all__ = [
@@ -27,14 +28,17 @@ __all__ = [
     "MLPWithAdapter",
     "PEFTModule",
     "PrefixAttention",
+    "PromptPool",
     "PromptedBlock",
     "ScaleShift",
     "freeze_except_peft",
     "inject",
     "inject_lora_open_clip",
+    "l2_normalize",
     "merge_lora",
     "peft_modules",
     "peft_parameters",
+    "prompted_tokens",
     "unload_lora",
     "unwrap",
     "vit_blocks",
