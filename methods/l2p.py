@@ -23,6 +23,8 @@ Departures, each checked against their code:
 * No gradient clipping, as PILOT (l2p-pytorch clips the norm at 1.0).
 * The query pass is not cached between epochs (it could be: the frozen ViT's features of an image under the
   evaluation transform do not change).
+
+Not yet compared side by side with PILOT's L2P on identical inputs (issue 19): until it is, its numbers are ours.
 """
 
 from __future__ import annotations
