@@ -33,13 +33,13 @@ class Stream:
             raise ValueError(f"stream {self.name!r} has no tasks")
         if self.scenario not in SCENARIOS:
             raise ValueError(f"stream {self.name!r}: scenario must be one of {SCENARIOS}, got {self.scenario!r}")
-        if self.scenario == "domain_incremental":
-            self._check_shared_label_space()
-            return
-        expected = 0
+        first, expected = self.tasks[0], 0  # expected: the first new id of a class-incremental task
         for index, task in enumerate(self.tasks):
             if task.index != index:
                 raise ValueError(f"stream {self.name!r}: task {task.name} has index {task.index}, expected {index}")
+            if self.scenario == "domain_incremental":
+                self._check_shared_label_space(task, first)
+                continue
             if task.classes != tuple(range(expected, expected + task.num_classes)):
                 raise ValueError(
                     f"stream {self.name!r}: task {task.name} has classes {task.classes}; global ids must be "
@@ -47,18 +47,14 @@ class Stream:
                 )
             expected += task.num_classes
 
-    def _check_shared_label_space(self) -> None:
-        first = self.tasks[0]
-        for index, task in enumerate(self.tasks):
-            if task.index != index:
-                raise ValueError(f"stream {self.name!r}: task {task.name} has index {task.index}, expected {index}")
-            if task.kind != "multiclass":
-                raise ValueError(f"stream {self.name!r}: a domain-incremental task must be multiclass ({task.name})")
-            if task.classes != tuple(range(first.num_classes)) or task.class_names != first.class_names:
-                raise ValueError(
-                    f"stream {self.name!r} is domain-incremental, so every task must hold the classes 0..C-1 with "
-                    f"the same names as the first; task {task.name} has {task.classes} {task.class_names}"
-                )
+    def _check_shared_label_space(self, task: Task, first: Task) -> None:
+        if task.kind != "multiclass":
+            raise ValueError(f"stream {self.name!r}: a domain-incremental task must be multiclass ({task.name})")
+        if task.classes != tuple(range(first.num_classes)) or task.class_names != first.class_names:
+            raise ValueError(
+                f"stream {self.name!r} is domain-incremental, so every task must hold the classes 0..C-1 with "
+                f"the same names as the first; task {task.name} has {task.classes} {task.class_names}"
+            )
 
     def __iter__(self) -> Iterator[Task]:
         return iter(self.tasks)
