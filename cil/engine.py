@@ -420,11 +420,8 @@ class Engine:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        summary = summarize(pd.DataFrame(self.results), pd.DataFrame(self.task_costs), len(self.stream))
-        position = list(summary).index("protocol") + 1  # how the run was scored, beside its protocol
-        items = list(summary.items())
-        scoring = [("label_space", self.label_space), ("evaluate_future", self.evaluate_future)]
-        return dict(items[:position] + scoring + items[position:])
+        results, costs = pd.DataFrame(self.results), pd.DataFrame(self.task_costs)
+        return summarize(results, costs, len(self.stream), self.label_space, self.evaluate_future)
 
     def accuracy_matrix(self) -> np.ndarray:
         return accuracy_matrix(pd.DataFrame(self.results, columns=RESULT_COLUMNS), len(self.stream))

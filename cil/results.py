@@ -173,7 +173,13 @@ def _finite(value: float) -> float | None:
     return None if math.isnan(value) else round(float(value), 4)
 
 
-def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | None = None) -> dict[str, Any]:
+def summarize(
+    results: pd.DataFrame,
+    tasks: pd.DataFrame,
+    stream_length: int | None = None,
+    label_space: str = "seen",
+    evaluate_future: bool = False,
+) -> dict[str, Any]:
     """Headline metrics of one run (accuracies in percent; JSON null where undefined).
 
     ``avg_incremental_acc`` and ``last_acc`` are sample-weighted accuracies on all seen classes' test images
@@ -210,6 +216,8 @@ def summarize(results: pd.DataFrame, tasks: pd.DataFrame, stream_length: int | N
         "stream": str(results["stream"].iloc[0]),
         "seed": int(results["seed"].iloc[0]),
         "protocol": str(results["protocol"].iloc[0]) if "protocol" in results else "class_incremental",
+        "label_space": label_space,  # how the run was scored, beside its protocol (cil.transfer)
+        "evaluate_future": evaluate_future,
         "finished_tasks": finished,
         "num_tasks": num_tasks,
         "complete": complete,
