@@ -483,7 +483,8 @@ class Engine:
             started_future = time.perf_counter()
             rows += self._evaluate(trainer, task.index, future, cumulative_flops)
             future_s += time.perf_counter() - started_future
-        self.results.extend({**row, "retention_acc": retention} for row in [*baseline, *rows])
+        self.results.extend({**row, "retention_acc": retention_before} for row in baseline)  # the pre-trained model
+        self.results.extend({**row, "retention_acc": retention} for row in rows)
         self.task_costs.append(
             {
                 "task": task.index,

@@ -69,7 +69,21 @@ def test_mtil_run_fills_the_upper_triangle_and_measures_the_zero_shot_baseline(t
     backbone = tiny_clip()
     untrained = copy.deepcopy(backbone)
     stream = tiny_stream(increment=5)
-    engine = _run(tmp_path, backbone, stream, protocol="task_incremental", evaluate_future=True)
+    retention = tiny_stream(seed=1, increment=10, train_per_class=3, test_per_class=3)
+    engine = Engine(
+        _codyra(backbone),
+        stream,
+        tmp_path,
+        trainer_factory=cpu_trainers(tmp_path),
+        data=TINY_DATA,
+        seed=3,
+        protocol="task_incremental",
+        evaluate_future=True,
+        retention=retention,
+    )
+    probes = iter([11.0, 22.0, 33.0])  # before the stream, after task 0, after task 1: told apart by value
+    engine._retention = lambda trainer: next(probes)  # type: ignore[method-assign]
+    engine.run()
 
     R = engine.accuracy_matrix()
     assert not np.isnan(R).any()  # every task after every step, trained or not
@@ -81,6 +95,10 @@ def test_mtil_run_fills_the_upper_triangle_and_measures_the_zero_shot_baseline(t
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["zero_shot_baseline"] == pytest.approx(expected, abs=1e-4)
+    # the baseline rows carry the pre-trained model's retention, the others the retention after their step
+    assert before["retention_acc"].tolist() == [11.0, 11.0]
+    after = results[results["train_task"] >= 0]
+    assert after.groupby("train_task")["retention_acc"].agg(set).tolist() == [{22.0}, {33.0}]
     assert summary["fwt"] == pytest.approx(R[0, 1] - expected[1], abs=1e-3)
     assert summary["mtil_transfer"] == pytest.approx(R[0, 1], abs=1e-3)  # two tasks: one entry above the diagonal
     assert summary["mtil_average"] == pytest.approx(R.mean(), abs=1e-3)
