@@ -16,7 +16,16 @@ from cil.layers._adapter import Adapter, MLPWithAdapter, inject_adapter
 from cil.layers._base import PEFTModule, select_blocks, unwrap, vit_blocks
 from cil.layers._flat import FlatPEFT
 from cil.layers._lora import LoRALinear, _AddLoRA, inject_lora, inject_lora_open_clip
-from cil.layers._prompt import PrefixAttention, PromptedBlock, inject_prefix, inject_vpt
+from cil.layers._prompt import (
+    PrefixAttention,
+    PrefixSlot,
+    PromptedBlock,
+    inject_prefix,
+    inject_prefix_slots,
+    inject_vpt,
+    prefixed_attention,
+    prefixes_set,
+)
 from cil.layers._prompt_pool import PromptPool, l2_normalize, prompted_tokens
 from cil.layers._ssf import ScaleShift, inject_ssf
 
@@ -28,16 +37,20 @@ __all__ = [
     "MLPWithAdapter",
     "PEFTModule",
     "PrefixAttention",
+    "PrefixSlot",
     "PromptPool",
     "PromptedBlock",
     "ScaleShift",
     "freeze_except_peft",
     "inject",
     "inject_lora_open_clip",
+    "inject_prefix_slots",
     "l2_normalize",
     "merge_lora",
     "peft_modules",
     "peft_parameters",
+    "prefixed_attention",
+    "prefixes_set",
     "prompted_tokens",
     "unload_lora",
     "unwrap",

@@ -18,7 +18,9 @@ the VPT paper's code.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -59,36 +61,97 @@ class PrefixAttention(PEFTModule):
         self.value_scale = nn.Parameter(torch.tensor(1.0)) if learn_scale else None
         self.compensate = compensate
 
-    def _heads(self, prefix: torch.Tensor, scale: torch.Tensor | None, batch: int) -> torch.Tensor:
-        attn: Any = self.base
-        prefix = prefix if scale is None else prefix * scale
-        return prefix.view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2).expand(batch, -1, -1, -1)
-
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             raise ValueError("prefix tuning does not support attention masks")
-        attn: Any = self.base
-        B, N, _ = x.shape
-        heads, head_dim = attn.num_heads, attn.head_dim
-        q, k, v = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, N, d]
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        prefix_k = self._heads(self.prefix_key, self.key_scale, B)  # [B, H, P, d]
-        prefix_v = self._heads(self.prefix_value, self.value_scale, B)
-        k, v = torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2)  # [B, H, P + N, d]
-        dropout = attn.attn_drop.p if self.training else 0.0
-        if self.compensate:
-            weights = torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, dim=-1)  # [B, H, N, P + N]
-            weights = F.dropout(weights, dropout, self.training)
-            length = self.prefix_key.shape[0]
-            on_prefix = weights[..., :length]
-            weights = torch.cat(
-                [on_prefix / on_prefix.sum(-1, keepdim=True).clamp(min=1e-12), weights[..., length:]], -1
-            )
-            out = weights @ v  # [B, H, N, d]
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        out = attn.norm(out.transpose(1, 2).reshape(B, N, heads * head_dim))
-        return attn.proj_drop(attn.proj(out))
+        key = self.prefix_key if self.key_scale is None else self.prefix_key * self.key_scale
+        value = self.prefix_value if self.value_scale is None else self.prefix_value * self.value_scale
+        return prefixed_attention(self.base, x, key[None], value[None], self.compensate, self.training)
+
+
+def prefixed_attention(
+    attn: Any,
+    x: torch.Tensor,
+    prefix_key: torch.Tensor,
+    prefix_value: torch.Tensor,
+    compensate: bool = False,
+    training: bool = False,
+) -> torch.Tensor:
+    """timm ``Attention`` on tokens ``x [B, N, D]`` whose keys and values are preceded by ``prefix_key`` and
+    ``prefix_value`` (``[B, P, D]`` per image, or ``[1, P, D]`` for every image), split into heads as the tokens'
+    keys and values are. ``compensate``: LAE's renormalised attention on the prefix (:class:`PrefixAttention`)."""
+    B, N, _ = x.shape
+    heads, head_dim = attn.num_heads, attn.head_dim
+
+    q, k, v = attn.qkv(x).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, N, d]
+
+    def split(prefix: torch.Tensor) -> torch.Tensor:  # [B or 1, P, D] -> [B, H, P, d]
+        return prefix.to(k.dtype).unflatten(-1, (heads, head_dim)).transpose(1, 2).expand(B, -1, -1, -1)
+
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    k, v = torch.cat([split(prefix_key), k], dim=2), torch.cat([split(prefix_value), v], dim=2)  # [B, H, P + N, d]
+    dropout = attn.attn_drop.p if training else 0.0
+    if compensate:
+        weights = torch.softmax(q @ k.transpose(-2, -1) * head_dim**-0.5, dim=-1)  # [B, H, N, P + N]
+        weights = F.dropout(weights, dropout, training)
+        length = prefix_key.shape[1]
+        on_prefix = weights[..., :length]
+        weights = torch.cat([on_prefix / on_prefix.sum(-1, keepdim=True).clamp(min=1e-12), weights[..., length:]], -1)
+        out = weights @ v  # [B, H, N, d]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, heads * head_dim))
+    return attn.proj_drop(attn.proj(out))
+
+
+class PrefixSlot(nn.Module):
+    """A timm ``Attention`` that takes per-image key / value prefixes for one forward (DualPrompt's and CODA-Prompt's
+    prompts, which a pool chooses per image) and is the plain attention otherwise.
+
+    The slot owns no parameters: the method computes the prefixes and hands them over with :func:`prefixes_set`, so
+    the query pass of the same frozen model runs unprompted.
+    """
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.prefix: tuple[torch.Tensor, torch.Tensor] | None = None  # ([B, P, D], [B, P, D]) for this forward
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.prefix is None:
+            return self.base(x, attn_mask=attn_mask) if attn_mask is not None else self.base(x)
+        if attn_mask is not None or is_causal:
+            raise ValueError("prefix tuning does not support attention masks")
+        return prefixed_attention(self.base, x, *self.prefix, training=self.training)
+
+
+def inject_prefix_slots(model: nn.Module, blocks: list[int]) -> dict[int, PrefixSlot]:
+    """Wraps the attention of each chosen block of a timm ViT in a :class:`PrefixSlot`; returns them by block."""
+    slots: dict[int, PrefixSlot] = {}
+    for index in blocks:
+        block: Any = vit_blocks(model)[index]
+        if not isinstance(block.attn, PrefixSlot):
+            block.attn = PrefixSlot(block.attn)
+        slots[index] = block.attn
+    return slots
+
+
+@contextlib.contextmanager
+def prefixes_set(
+    slots: dict[int, PrefixSlot], prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]]
+) -> Iterator[None]:
+    """Gives each block in ``prefixes`` its ``(keys [B, P, D], values [B, P, D])`` for the forwards inside the block,
+    and takes them back after (also on error), so that no later forward sees them."""
+    unknown = sorted(set(prefixes) - set(slots))
+    if unknown:
+        raise KeyError(f"blocks {unknown} have no prefix slot; slots are at {sorted(slots)}")
+    try:
+        for index, prefix in prefixes.items():
+            slots[index].prefix = prefix
+        yield
+    finally:
+        for index in prefixes:
+            slots[index].prefix = None
 
 
 class PromptedBlock(PEFTModule):
