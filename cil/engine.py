@@ -346,6 +346,9 @@ class Engine:
         method.set_protocol(protocol)  # validates the name and the method's support
         _check_task_kinds(method, stream, protocol)
         _check_scenario(method, stream, protocol)
+        blocker = method.stream_blocker(stream.tasks)
+        if blocker is not None:
+            raise ValueError(blocker)
         check_evaluation(method, stream, protocol, label_space, evaluate_future)
         self.protocol = protocol
         self.evaluate_future, self.label_space = evaluate_future, label_space

@@ -154,6 +154,11 @@ class CILMethod(L.LightningModule):
             )
         self.protocol = protocol
 
+    def stream_blocker(self, tasks: Sequence[Task]) -> str | None:
+        """Why this method, as configured, cannot learn a stream of these ``tasks`` (None: it can); the engine refuses
+        such a stream before it writes anything (a prompt pool with fewer prompts than the stream has tasks)."""
+        return None
+
     # ---- structure -------------------------------------------------------------------------------------------
     def begin_task(self, task: Task) -> None:
         """Called by the engine at the start of every task."""

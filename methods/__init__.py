@@ -1,7 +1,9 @@
 """Built-in methods; importing this package registers them (``cil.list_methods()`` does it on demand)."""
 
 from methods.aper import APER, APERSSF, APERAdapter, APERFinetune, APERVPTDeep, APERVPTShallow
+from methods.coda_prompt import CODAPrompt
 from methods.codyra import CoDyRA
+from methods.dualprompt import DualPrompt
 from methods.er import ER
 from methods.finetune import Finetune, Joint
 from methods.fpf import FPF, KFPF
@@ -23,7 +25,9 @@ __all__ = [
     "APERFinetune",
     "APERVPTDeep",
     "APERVPTShallow",
+    "CODAPrompt",
     "CoDyRA",
+    "DualPrompt",
     "Finetune",
     "Joint",
     "LAEAdapter",

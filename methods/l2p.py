@@ -77,7 +77,8 @@ class L2P(PromptMethod):
 
     def prompted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(embedding [B, D], -pull_weight x key-matching term)``: the mean output of each image's prompt tokens."""
-        tokens, _, pull = self.pool.select(self.query(x))  # [B, k * L, D]
+        prompts, _, pull = self.pool.select(self.query(x))  # [B, k, L, D]
+        tokens = prompts.flatten(1, 2)  # [B, k * L, D]
         outputs = prompted_tokens(self.vit, x, tokens)  # [B, 1 + k * L + N, D]
         prefix = int(getattr(self.vit, "num_prefix_tokens", 1))
         return outputs[:, prefix : prefix + tokens.shape[1]].mean(dim=1), -self.pull_weight * pull

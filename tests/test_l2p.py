@@ -24,7 +24,7 @@ def test_each_image_chooses_the_prompts_nearest_its_query_and_the_pull_term_sums
         cosines = torch.stack([F.cosine_similarity(query[b], key, dim=0) for key in pool.keys])  # [P]
         nearest = cosines.argsort(descending=True)[:3]
         assert chosen[b].tolist() == nearest.tolist()
-        assert torch.equal(tokens[b], torch.cat([pool.prompts[i] for i in nearest]))  # [k * L, D], in that order
+        assert torch.equal(tokens[b], torch.stack([pool.prompts[i] for i in nearest]))  # [k, L, D], in that order
         expected_pull = expected_pull + cosines[nearest].sum()
     torch.testing.assert_close(pull, expected_pull / 4)
 

@@ -30,7 +30,8 @@ def pool(name: str) -> str:
 # Prefix tuning only steers attention over a pre-trained model's features; on the random tiny ViT it cannot fit the
 # digits (measured: training loss 1.61 -> 1.49 in 25 epochs at any lr). For these methods the contract checks that
 # training moved their parameters; that they learn is measured on the pre-trained offline ViT (benchmarks/).
-NEEDS_PRETRAINED_FEATURES = {"lae_prefix", "l2p"}  # L2P: prompt tokens in front of frozen random blocks, the same
+# L2P's prompt tokens and DualPrompt's / CODA-Prompt's prefixes in front of frozen random blocks: the same.
+NEEDS_PRETRAINED_FEATURES = {"lae_prefix", "l2p", "dualprompt", "coda_prompt"}
 
 
 # LoRA on K and V of the random tiny ViT needs a larger step than the other PET kinds (tests/test_lae.py, TINY_LR).
@@ -38,11 +39,15 @@ LR_OVERRIDES = {"lae_lora": 1e-2}
 
 
 # Fewer FPF steps than the defaults (100 per run, k = 10 runs) keep the contract quick; tests/test_fpf.py tests FPF.
-# L2P's 25 prompt tokens would triple the tiny ViT's sequence (and its cost); 2 tokens exercise the same code.
+# L2P's 25 prompt tokens would triple the tiny ViT's sequence (and its cost); 2 tokens exercise the same code. The
+# tiny ViT has 2 blocks: DualPrompt's G- and E-prompts go to one each, CODA-Prompt's components to both; CODA-Prompt's
+# 20 epochs per task become 5 (the other prompt methods' default).
 QUICKER: dict[str, dict[str, object]] = {
     "kfpf": {"fpf_steps": 10},
     "fpf": {"fpf_steps": 10},
     "l2p": {"pool_size": 4, "length": 1, "top_k": 2},
+    "dualprompt": {"g_length": 1, "e_length": 1, "g_layers": [0], "e_layers": [1], "pool_size": 4},
+    "coda_prompt": {"pool_size": 4, "length": 2, "layers": [0, 1], "epochs": 5},
 }
 
 

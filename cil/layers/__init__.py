@@ -26,12 +26,13 @@ from cil.layers._prompt import (
     prefixed_attention,
     prefixes_set,
 )
-from cil.layers._prompt_pool import PromptPool, l2_normalize, prompted_tokens
+from cil.layers._prompt_pool import ComponentPool, PromptPool, gram_schmidt_rows, l2_normalize, prompted_tokens
 from cil.layers._ssf import ScaleShift, inject_ssf
 
 __all__ = [
     "PEFT_KINDS",
     "Adapter",
+    "ComponentPool",
     "FlatPEFT",
     "LoRALinear",
     "MLPWithAdapter",
@@ -42,6 +43,7 @@ __all__ = [
     "PromptedBlock",
     "ScaleShift",
     "freeze_except_peft",
+    "gram_schmidt_rows",
     "inject",
     "inject_lora_open_clip",
     "inject_prefix_slots",
