@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +97,10 @@ class Backbone(nn.Module):
         offline_weights: Load a named offline source instead (see :func:`list_offline_weights`).
         input_size: Image side length fed to the model; defaults to the weights' native size. Smaller is faster.
         model_kwargs: Extra keyword arguments for ``timm.create_model`` (e.g. ``img_size`` or ``depth``).
+        mean: Per-channel mean the images are normalised with (default: the weights' own, from timm). ``[0, 0, 0]``
+            with ``std: [1, 1, 1]`` feeds images in [0, 1] unnormalised, as LAMDA-PILOT's and the prompt methods'
+            authors' transforms do.
+        std: Per-channel standard deviation (default: the weights' own).
     """
 
     def __init__(
@@ -107,8 +111,15 @@ class Backbone(nn.Module):
         offline_weights: str | None = None,
         input_size: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        for label, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) != 3:
+                raise ValueError(f"backbone.{label} needs one value per RGB channel, got {list(values)}")
+        if std is not None and min(std) <= 0:
+            raise ValueError(f"backbone.std must be positive, got {list(std)}")
         chosen = [flag for flag in (pretrained, checkpoint_path, offline_weights) if flag]
         if len(chosen) > 1:
             raise ValueError("choose one of backbone.pretrained, backbone.checkpoint_path, backbone.offline_weights")
@@ -126,6 +137,7 @@ class Backbone(nn.Module):
             self.model = self.clip.visual
             self.weights = checkpoint_path or ("openai" if pretrained else "random")
             self.num_features = int(self.clip.visual.output_dim)
+            self._set_normalisation(mean, std)
             return
         try:
             if input_size and "img_size" not in kwargs and _fixed_grid(name, kwargs) not in (None, input_size):
@@ -156,6 +168,13 @@ class Backbone(nn.Module):
         self.mean = tuple(float(v) for v in config["mean"])
         self.std = tuple(float(v) for v in config["std"])
         self.num_features = self.model.num_features  # type: ignore[assignment]
+        self._set_normalisation(mean, std)
+
+    def _set_normalisation(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        if mean is not None:
+            self.mean = tuple(float(v) for v in mean)
+        if std is not None:
+            self.std = tuple(float(v) for v in std)
 
     def _load(self, state: dict[str, torch.Tensor], source: str) -> None:
         own = self.model.state_dict()

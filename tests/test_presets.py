@@ -25,6 +25,8 @@ MOS = "AAAI25-MOS@8d5e07c"
 LAE = "gqk/LAE@1680e49"
 CODYRA = "CoDyRA@c1691e4"
 ZSCL = "Thunderbeee/ZSCL@b96e714"
+JAX_L2P = "google-research/l2p@dd8836e"
+CODA = "GT-RIPL/CODA-Prompt@6417d4f"
 
 Row = tuple[str, str, Any, str]
 
@@ -153,6 +155,51 @@ def _l2p(dataset: str, json_file: str, epochs: int, batch: int, increment: int) 
         (preset, "stream.increment", increment, json + "8-9"),
         (preset, "seed_everything", 1993, json + "14"),
         (preset, "backbone.name", "vit_base_patch16_224.augreg_in21k_ft_in1k", PILOT + " backbone/vit_l2p.py:89-91"),
+        (preset, "backbone.mean", [0.0, 0.0, 0.0], PILOT + " utils/data.py:95-119 (no Normalize)"),
+        (preset, "backbone.std", [1.0, 1.0, 1.0], PILOT + " utils/data.py:95-119 (no Normalize)"),
+    ]
+
+
+def _dualprompt(dataset: str, config: str, epochs: int, lr: float, e_length: int, increment: int) -> list[Row]:
+    """The rows of a DualPrompt preset (the authors' JAX config; lr = learning_rate x 24 / 256 on one device)."""
+    preset, src = f"dualprompt_{dataset}.yaml", JAX_L2P + f" configs/{config}:"
+    return [
+        (preset, "method.init_args.epochs", epochs, src + "45"),
+        (preset, "method.init_args.lr", lr, src + "38 (x 24 / 256, train_continual.py:639)"),
+        (preset, "data.batch_size", 24, src + "25"),
+        (preset, "method.init_args.weight_decay", 0.0, src + "44"),
+        (preset, "method.init_args.gradient_clip", 1.0, src + "41"),
+        (preset, "method.init_args.g_length", 5, src + "91"),
+        (preset, "method.init_args.g_layers", [0, 1], src + "92"),
+        (preset, "method.init_args.e_length", e_length, src + "104"),
+        (preset, "method.init_args.e_layers", [2, 3, 4], src + "97"),
+        (preset, "method.init_args.pool_size", 10, src + "103"),
+        (preset, "method.init_args.top_k", 1, src + "105"),
+        (preset, "method.init_args.pull_weight", 1.0, src + "126"),
+        (preset, "method.init_args.copy_previous_prompt", True, src + "111"),
+        (preset, "stream.increment", increment, src + "67"),
+        (preset, "backbone.name", "vit_base_patch16_224.orig_in21k", JAX_L2P + " README.md:51"),
+        (preset, "backbone.mean", [0.0, 0.0, 0.0], src + "79 (norm_01)"),
+        (preset, "backbone.std", [1.0, 1.0, 1.0], src + "79 (norm_01)"),
+    ]
+
+
+def _coda(dataset: str, config: str, script: str, epochs: int, increment: int) -> list[Row]:
+    """The rows of a CODA-Prompt preset (configs/*_prompt.yaml and the experiments script's --prompt_param)."""
+    preset, src = f"coda_prompt_{dataset}.yaml", CODA + f" configs/{config}:"
+    return [
+        (preset, "method.init_args.epochs", epochs, src + "4-5"),
+        (preset, "method.init_args.lr", 0.001, src + "9"),
+        (preset, "data.batch_size", 128, src + "7"),
+        (preset, "method.init_args.weight_decay", 0.0, src + "11"),
+        (preset, "method.init_args.pool_size", 100, CODA + f" experiments/{script}"),
+        (preset, "method.init_args.length", 8, CODA + f" experiments/{script}"),
+        (preset, "method.init_args.ortho_weight", 0.0, CODA + f" experiments/{script}"),
+        (preset, "method.init_args.layers", [0, 1, 2, 3, 4], CODA + " models/zoo.py CodaPrompt e_layers"),
+        (preset, "stream.increment", increment, src + "2-3"),
+        (preset, "stream.seed", None, CODA + " trainer.py:61 (no shuffle at seed 0)"),
+        (preset, "backbone.name", "vit_base_patch16_224.augreg_in21k_ft_in1k", CODA + " models/zoo.py:369"),
+        (preset, "backbone.mean", [0.0, 0.0, 0.0], CODA + " dataloaders/utils.py (Normalize(0, 1))"),
     ]
 
 
@@ -160,6 +207,10 @@ def _l2p(dataset: str, json_file: str, epochs: int, batch: int, increment: int) 
 AUTHORS: list[Row] = [
     *_l2p("cifar100_b0inc10", "l2p.json", 5, 16, 10),
     *_l2p("imagenet_r_b0inc20", "l2p_inr.json", 10, 32, 20),
+    *_dualprompt("cifar100_b0inc10", "cifar100_dualprompt.py", 5, 0.0028125, 5, 10),
+    *_dualprompt("imagenet_r_b0inc20", "imr_dualprompt.py", 50, 0.00046875, 20, 20),
+    *_coda("cifar100_b0inc10", "cifar-100_prompt.yaml", "cifar-100.sh:29", 20, 10),
+    *_coda("imagenet_r_b0inc20", "imnet-r_prompt.yaml", "imagenet-r.sh:28", 50, 20),
     *AUTHORS_XTAIL,
     *_aper("adapter", "aper_adapter/cifar224_5_5_vit-b_adapter.json", 20, 0.01, 48, "aper_adapter.py", 108),
     (
@@ -322,7 +373,7 @@ def test_every_preset_is_in_the_table() -> None:
 
 # A pinned repository (name@commit) and a file of it: exps/*.json, config(s)/*.yaml or the CoDyRA run script.
 _PINNED = re.compile(r"[\w/-]+@[0-9a-f]{7}\b")
-_SOURCE_FILE = re.compile(r"\b(exps|configs?)/[\w./-]+\.(json|yaml)\b|\brunner_codyra\.sh\b")
+_SOURCE_FILE = re.compile(r"\b(exps|configs?)/[\w./-]+\.(json|yaml|py)\b|\brunner_codyra\.sh\b")
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)

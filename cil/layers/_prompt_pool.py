@@ -80,7 +80,11 @@ class PromptPool(nn.Module):
             chosen = similarity.topk(self.top_k, dim=1).indices  # [B, k]
             if self.batchwise:  # the k prompts chosen most often in the batch, for every image of it
                 unique, counts = torch.unique(chosen, return_counts=True)
-                chosen = unique[counts.topk(min(self.top_k, len(unique))).indices].expand(len(query), -1)
+                missing = len(self.keys) - len(unique)  # padded to the pool's size with uncounted entries, as
+                if missing > 0:  # their code does before its topk: ties between votes break as theirs
+                    unique = torch.cat([unique, unique.new_full((missing,), int(chosen.min()))])
+                    counts = torch.cat([counts, counts.new_zeros(missing)])
+                chosen = unique[counts.topk(self.top_k).indices].expand(len(query), -1)
         pull = (keys[chosen] * query[:, None, :]).sum() / len(query)  # mean over images of the summed cosines
         return self.prompts[chosen], chosen, pull
 
