@@ -11,6 +11,8 @@ run's `wall_s` (fits and evaluations, no start-up).
 Rows beyond the default set: `l2p_batchwise` and `dualprompt_batchwise` select prompts per test batch as their
 authors' configs do; the engine's test batches come from one task each, so the batch votes on its task (README,
 "Fair evaluation of prompt pools"). They show what that vote is worth; they are not a fair comparison.
+`l2p_no_query_cache` computes every evaluation image's query at every evaluation (`cache_queries: never`): compare
+its eval (s) with `l2p`'s.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 EXTRA: dict[str, tuple[str, list[str]]] = {
     "l2p_batchwise": (OFFLINE.format("l2p"), BATCHWISE),
     "dualprompt_batchwise": (OFFLINE.format("dualprompt"), BATCHWISE),
+    "l2p_no_query_cache": (OFFLINE.format("l2p"), ["--method.init_args.cache_queries", "never"]),
 }
 
 
@@ -45,8 +48,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, help="seed_everything for every row (default: the configs', 1993)")
     options = parser.parse_args()
     lines = [
-        "| row | A-bar (%) | A_last (%) | forgetting | trainable params | train GFLOPs | wall (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| row | A-bar (%) | A_last (%) | forgetting | trainable params | train GFLOPs | wall (s) | eval (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in options.rows:
         config, overrides = {**ROWS, **EXTRA}[name]
@@ -57,7 +60,7 @@ def main() -> None:
         lines.append(
             f"| {name} | {summary['avg_incremental_acc']:.2f} | {summary['last_acc']:.2f} "
             f"| {summary['avg_forgetting']:.2f} | {summary['trainable_params']:,} "
-            f"| {'-' if flops is None else f'{flops / 1e9:,.0f}'} | {summary['wall_s']:.1f} |"
+            f"| {'-' if flops is None else f'{flops / 1e9:,.0f}'} | {summary['wall_s']:.1f} | {summary['eval_s']:.1f} |"
         )
         print(lines[-1], file=sys.stderr, flush=True)
     print("\n".join(lines))

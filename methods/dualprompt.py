@@ -106,6 +106,7 @@ class DualPrompt(PromptMethod):
         self.slots = inject_prefix_slots(self.vit, self.g_layers + self.e_layers)
         self.pull_weight, self.copy_previous_prompt = pull_weight, copy_previous_prompt
         self.lr, self.weight_decay, self.gradient_clip = lr, weight_decay, gradient_clip
+        self._prompt_counts = [0, 0]
 
     def stream_blocker(self, tasks: Sequence[Task]) -> str | None:
         size, k = self.e_pool.keys.shape[0], self.e_pool.top_k
@@ -124,6 +125,7 @@ class DualPrompt(PromptMethod):
 
     @torch.no_grad()
     def before_task(self, task: Task) -> None:
+        self._prompt_counts = [0, 0]  # E-prompt retrieval over this task's evaluations: (own task's, images)
         k = self.e_pool.top_k
         if self.copy_previous_prompt and task.index > 0:
             prompts = self.e_pool.prompts
@@ -131,16 +133,37 @@ class DualPrompt(PromptMethod):
 
     def prompted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompted [CLS] feature [B, D], -pull_weight x key-matching term)``."""
+        features, pull, _ = self._prompted(x)
+        return features, -self.pull_weight * pull
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits, and in ``task_info["e_prompt_task_acc"]`` the share of the evaluation's images of trained classes
+        whose first chosen E-prompt is their own task's (how often the keys find the task)."""
+        if self.predict_output != "logits":
+            return super().predict_step(batch, batch_idx, dataloader_idx)
+        x, y = batch
+        features, _, chosen = self._prompted(x)
+        trained = y < len(self.task_of_class)  # not the classes of tasks scored before they are trained
+        owner = torch.as_tensor(self.task_of_class, device=y.device)[y[trained]]  # [B']
+        self._prompt_counts[0] += int((chosen[trained, 0] // self.e_pool.top_k == owner).sum())
+        self._prompt_counts[1] += int(trained.sum())
+        right, total = self._prompt_counts
+        if total:
+            self.task_info["e_prompt_task_acc"] = round(100.0 * right / total, 4)
+        return self.classify(features), y
+
+    def _prompted(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(prompted [CLS] feature [B, D], key-matching term [], chosen E-prompt ids [B, k])``."""
         query = self.query(x)
         ids = None
         if self.training:  # the task's own E-prompt (task identity is known at training time only)
             k = self.e_pool.top_k
             ids = (self.task_index * k + torch.arange(k, device=x.device)).expand(len(x), k)  # [B, k]
-        e_prompts, _, pull = self.e_pool.select(query, ids)  # [B, k, n_E, 2, L, D]
+        e_prompts, chosen, pull = self.e_pool.select(query, ids)  # [B, k, n_E, 2, L, D]
         e_prompts = e_prompts.permute(0, 2, 3, 1, 4, 5).flatten(3, 4)  # [B, n_E, 2, k * L, D]
         prefixes = {layer: (g[None, 0], g[None, 1]) for layer, g in zip(self.g_layers, self.g_prompt, strict=True)}
         for i, layer in enumerate(self.e_layers):
             prefixes[layer] = (e_prompts[:, i, 0], e_prompts[:, i, 1])  # each [B, k * L, D]
         with prefixes_set(self.slots, prefixes):
             features = self.backbone(x)  # [B, D]: the prompted final-norm [CLS] token
-        return features, -self.pull_weight * pull
+        return features, pull, chosen

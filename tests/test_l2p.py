@@ -42,22 +42,6 @@ def test_the_prompted_forward_is_the_vit_with_prompt_tokens_after_the_class_toke
         torch.testing.assert_close(no_prompt, vit.forward_features(images))
 
 
-def test_an_image_s_prediction_does_not_depend_on_the_rest_of_its_test_batch() -> None:
-    """Per-image selection: the same logits alone, in one batch and in a shuffled batch."""
-    torch.manual_seed(0)
-    method = create_method("l2p", tiny_backbone(), pool_size=10, top_k=2)
-    method.head.expand(10)
-    method.eval()
-    images = torch.randn(12, 3, 16, 16)
-    with torch.no_grad():
-        alone = torch.cat([method(image[None]) for image in images])  # [12, C]
-        together = method(images)
-        shuffled = torch.randperm(12)
-        mixed = method(images[shuffled])[shuffled.argsort()]
-    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(mixed, alone, rtol=1e-5, atol=1e-5)
-
-
 def test_batchwise_selection_lets_the_batch_vote_and_is_off_by_default() -> None:
     torch.manual_seed(0)
     pool = PromptPool(dim=8, pool_size=4, length=1, top_k=1)

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cil.data import Transformed, build_transform
 from cil.engine import Engine
 from cil.layers import ComponentPool, gram_schmidt_rows, prefixes_set
 from cil.method import create_method
@@ -271,3 +272,24 @@ def test_a_run_resumed_after_a_crash_gives_the_uninterrupted_run_s_results(name:
     engine(tmp_path / "crashed", _method(name), resume=True).run()
     reference, resumed = (pd.read_csv(tmp_path / run / "results.csv") for run in ("reference", "crashed"))
     pd.testing.assert_frame_equal(resumed, reference)
+
+
+def test_dualprompt_records_how_often_the_keys_find_the_image_s_task(tmp_path: Path) -> None:
+    """tasks.csv e_prompt_task_acc: the share of test images (of every seen task) whose chosen E-prompt is their
+    own task's, recomputed here from the final keys for the last task's evaluation. Test-time selection is among all
+    the pool's keys, also those of tasks not trained yet, as in the authors' code."""
+    method = _method("dualprompt", pull_weight=50.0, lr=0.05)  # keys that move in a few steps
+    stream = tiny_stream(base=6, increment=4, train_per_class=10)  # unequal tasks: 60 % is not 40 %
+    run_engine(tmp_path, method, stream)
+    recorded = pd.read_csv(tmp_path / "tasks.csv")["e_prompt_task_acc"].tolist()
+    method.eval()
+    right = total = 0
+    transform = build_transform(16, method.backbone.mean, method.backbone.std, train=False)
+    with torch.no_grad():
+        for task in stream:
+            images = torch.stack([image for image, _ in Transformed(task.test, transform)])  # type: ignore[misc]
+            chosen = method.e_pool.select(method.query(images))[1][:, 0]
+            right += int((chosen == task.index).sum())
+            total += len(images)
+    assert recorded[1] == pytest.approx(100.0 * right / total, abs=1e-3)
+    assert 0 < recorded[1] < 100
