@@ -72,16 +72,20 @@ class PromptMethod(CILMethod):
         backbone: A timm Vision Transformer (frozen).
         epochs: Epochs per task.
         cache_queries: ``auto`` (evaluation images on the CPU), ``always`` or ``never``; see :class:`QueryCache`.
+        head_init: The new head rows' initialisation (:class:`cil.heads.IncrementalLinear`): ``trunc_normal``, as
+            timm's ViT head that L2P and DualPrompt train, or ``default``, PyTorch's ``nn.Linear`` (CODA-Prompt's).
     """
 
-    def __init__(self, backbone: Backbone, epochs: int, cache_queries: str = "auto") -> None:
+    def __init__(
+        self, backbone: Backbone, epochs: int, cache_queries: str = "auto", head_init: str = "trunc_normal"
+    ) -> None:
         super().__init__(backbone)
         vit: Any = backbone.model
         if not hasattr(vit, "blocks") or not hasattr(vit, "patch_embed"):
             raise ValueError(f"{type(self).__name__} prompts a timm Vision Transformer; {backbone.name!r} is not one")
         self.backbone.requires_grad_(False)
         self.embed_dim = int(vit.embed_dim)
-        self.head: IncrementalLinear = IncrementalLinear(self.embed_dim, init="trunc_normal")
+        self.head: IncrementalLinear = IncrementalLinear(self.embed_dim, init=head_init)
         self.epochs = epochs
         self.queries = QueryCache(cache_queries)
 

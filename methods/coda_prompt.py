@@ -20,12 +20,18 @@ Departures, each checked against their code:
 
 * The training loader keeps its last, smaller batch (theirs: ``drop_last=True``); on a stream of small tasks the
   authors' batch of 128 would otherwise drop most images, or all.
-* The head grows by each task's classes (timm's truncated-normal init); theirs is one layer made at the start. Images
-  are normalised with the backbone's mean / std; their transforms do not normalise.
+* The head grows by each task's classes (PyTorch's ``nn.Linear`` init, as their ``nn.Linear(768, classes)``); theirs
+  is one layer made at the start. Images are normalised with the backbone's mean / std unless the config sets
+  ``backbone.mean: [0, 0, 0]`` / ``std: [1, 1, 1]`` (the presets do): their transforms do not normalise.
 * Allocation skips a zero earlier component instead of redrawing forever (:func:`cil.layers.gram_schmidt_rows`).
 * The paper-era release (CODA-Prompt@22948d2) initialised every component orthogonally up front and used an
   orthogonality weight of 0.1 (times 1e-6 inside the penalty); the current code, followed here, allocates per task
   and sets the weight to 0.
+
+Compared side by side with LAMDA-PILOT's CODA-Prompt on identical inputs (docs/reproduction.md, "CODA-Prompt"): the
+learning rate per epoch, one training step in task 1 and in task 2 (query, weights, prompts, logits, loss, gradients,
+the Adam step, frozen earlier components) and evaluation agree to fp32 rounding. Allocation draws the same numbers
+but in another order over the block's tensors (components, keys, attention; theirs keys, attention, components).
 """
 
 from __future__ import annotations
@@ -83,7 +89,7 @@ class CODAPrompt(PromptMethod):
         epochs: int = 20,
         cache_queries: str = "auto",
     ) -> None:
-        super().__init__(backbone, epochs, cache_queries)
+        super().__init__(backbone, epochs, cache_queries, head_init="default")  # their nn.Linear, PyTorch's init
         if length < 2 or length % 2:
             raise ValueError(f"length must be even (half key, half value prefix), got {length}")
         self.layers = [int(i) for i in layers]

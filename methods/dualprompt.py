@@ -27,8 +27,9 @@ Departures, each checked against their code:
   image gets its own key and value prefix. Not offered as a switch: it makes a prediction depend on the rest of the
   batch. Mammoth's maintainers report no change of the score from the fix.
 * Prompts and keys start from U(-1, 1), as the port and PILOT; the JAX code draws from U(0, 0.01).
-* The head grows by each task's classes (timm's truncated-normal init); theirs is one layer made at the start. Images
-  are normalised with the backbone's mean / std; their transforms do not normalise.
+* The head grows by each task's classes (timm's truncated-normal init, as the port's and PILOT's timm head; the JAX
+  head starts at zero); theirs is one layer made at the start. Images are normalised with the backbone's mean / std
+  unless the config sets ``backbone.mean: [0, 0, 0]`` / ``std: [1, 1, 1]`` (the presets do, as their ``norm_01``).
 * LAMDA-PILOT's values differ from the authors' (lr 0.001 unscaled, pull weight 0.1, no clipping; ImageNet-R: 10
   epochs and E-prompts of 5 tokens instead of 50 and 20): they are arguments here, the presets carry the authors'.
 """

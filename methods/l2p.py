@@ -19,12 +19,15 @@ Departures, each checked against their code:
 * The head grows by each task's classes (:class:`cil.heads.IncrementalLinear`, timm's truncated-normal init); theirs
   is one 100-class layer made at the start. Only the seen rows are ever scored or trained, so the two differ in the
   random draws of the rows, not in the distribution.
-* The image normalisation is the backbone's (timm's mean / std); their transforms skip ``Normalize``.
+* The image normalisation is the backbone's (timm's mean / std) unless the config sets ``backbone.mean: [0, 0, 0]``
+  / ``std: [1, 1, 1]``, as the presets do: their transforms skip ``Normalize``.
 * No gradient clipping, as PILOT (l2p-pytorch clips the norm at 1.0).
 * The query of an evaluation image is computed once per run (:class:`cil.prompting.QueryCache`); theirs at every
   evaluation. Same value.
 
-Not yet compared side by side with PILOT's L2P on identical inputs (issue 19): until it is, its numbers are ours.
+Compared side by side with PILOT's L2P on identical inputs (docs/reproduction.md, "L2P"): one training step (query,
+selection, pull term, logits, masked loss, gradients, Adam step) and evaluation agree to fp32 rounding, per image and
+batch-wise; batch-wise ties now break as theirs.
 """
 
 from __future__ import annotations

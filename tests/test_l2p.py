@@ -58,7 +58,7 @@ def test_l2p_trains_prompts_keys_and_the_current_classes_only(tmp_path: Path) ->
     method = create_method("l2p", tiny_backbone(), epochs=1)
     backbone = {k: v.clone() for k, v in method.backbone.state_dict().items()}
     keys, prompts = method.pool.keys.detach().clone(), method.pool.prompts.detach().clone()
-    stream = tiny_stream(increment=5)
+    stream = tiny_stream(increment=5, train_per_class=10)
     heads = []
     method.after_task = lambda task, features: heads.append(method.head.weight.detach().clone())  # type: ignore[method-assign]
     run_engine(tmp_path, method, stream)

@@ -96,7 +96,7 @@ def test_dualprompt_learns_its_prompts_keys_and_head_and_leaves_earlier_e_prompt
     method.after_task = lambda task, features: ends.append(  # type: ignore[method-assign]
         {k: v.detach().clone() for k, v in method.state_dict().items()}
     )
-    run_engine(tmp_path, method, tiny_stream(increment=5))
+    run_engine(tmp_path, method, tiny_stream(increment=5, train_per_class=10))
     assert all(torch.equal(v, backbone[k]) for k, v in method.backbone.state_dict().items())  # frozen
     prompts, keys = "e_pool.prompts", "e_pool.keys"
     assert torch.equal(ends[1][prompts][0], ends[0][prompts][0]) and torch.equal(ends[1][keys][0], ends[0][keys][0])
@@ -293,3 +293,13 @@ def test_dualprompt_records_how_often_the_keys_find_the_image_s_task(tmp_path: P
             total += len(images)
     assert recorded[1] == pytest.approx(100.0 * right / total, abs=1e-3)
     assert 0 < recorded[1] < 100
+
+
+def test_each_prompt_method_starts_its_head_rows_as_its_authors_do() -> None:
+    """L2P and DualPrompt: timm's ViT head (std 0.02, zero bias); CODA-Prompt: PyTorch's nn.Linear (U(+-1/sqrt(D)))."""
+    for name, timm_head in (("l2p", True), ("dualprompt", True), ("coda_prompt", False)):
+        method = _method(name)
+        _begin(method, 5)
+        bias, weight = method.head.bias.detach(), method.head.weight.detach()
+        assert (bias.abs().sum() == 0) == timm_head, name
+        assert weight.abs().max() <= 1 / 32**0.5 and (weight.std() < 0.03) == timm_head, name
