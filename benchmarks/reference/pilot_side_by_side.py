@@ -6,6 +6,12 @@
         --test-per-class 10 --epochs 2 --seed 1993 --out runs/reference/mos_seed1993
     python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method aper_adapter --train-per-class 20 \
         --test-per-class 10 --epochs 2 --batch-size 48 --seed 1993 --out runs/reference/aper_adapter_seed1993
+    python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method l2p --train-per-class 20 \
+        --test-per-class 16 --epochs 2 --batch-size 16 --seed 1993 --set batchwise_selection=true \
+        --out runs/reference/l2p_bw_seed1993
+    python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method coda_prompt --config-backbone \
+        --train-per-class 32 --test-per-class 16 --epochs 3 --batch-size 16 --seed 1993 \
+        --out runs/reference/coda_dino_seed1993
 
 PILOT (https://github.com/LAMDA-CL/LAMDA-PILOT) is imported from ``--pilot`` at run time; nothing of it is copied
 into this repository. Two of its functions are replaced, from here, for the duration of the run:
@@ -34,6 +40,46 @@ into this repository. Two of its functions are replaced, from here, for the dura
   the shim and a 32-px ``VPT_ViT``). Every value of the authors' ``exps/aper_*.json`` goes to ``cil``'s side too
   (``_aper_hyperparameters``); before training, PILOT's initial PEFT values are copied into a copy of ``cil``'s tuned
   branch and both must compute the same features (``_check_tuned_branch``).
+
+* L2P: PILOT's ``get_backbone`` and ``PromptVitNet`` run unchanged; both of its ``vit_l2p`` ViTs (the prompted one
+  and ``original_backbone``, the query) come from ``timm.create_model("vit_base_patch16_224_l2p")``, whose
+  ``_create_vision_transformer`` (timm-0.6 registry calls) is replaced by ``vit_l2p.VisionTransformer(img_size=...,
+  **kwargs)`` plus the seeded weights passed through vit_l2p's own ``checkpoint_filter_fn`` (which repeats the class
+  token's position embedding for the 25 prompt slots, as its npz loader does). ``--l2p-config-backbone`` keeps the
+  ``cil`` config's ViT instead (e.g. the offline DINOv2 ViT-S/14 at 112 px): vit_l2p is then built in its shape
+  (patch, width, depth, heads, LayerScale) and given its weights. ``exps/l2p.json``'s ``batchwise_prompt`` is set to
+  ``cil``'s ``batchwise_selection`` (``--set batchwise_selection=true`` for the json's value), so both sides select
+  alike; ``data.eval_batch_size`` = ``batch_size`` (PILOT's L2P test loader). Before training (``_l2p_checks``),
+  PILOT's initial prompt pool and head rows are copied into a copy of ``cil``'s L2P, and one training step is made on
+  each side through its own code (PILOT's ``Learner._init_train`` on a one-batch loader with its ``get_optimizer``;
+  ``cil``'s ``training_step`` and ``configure_optimizers``), in task 1 and in task 2 (old classes masked): query,
+  chosen prompt ids, pull term, logits, loss, gradients and the parameters after the Adam step must agree to fp32
+  rounding; so must the evaluation logits of task 1's test images in PILOT's batches, and, for batch-wise selection,
+  both sides' evaluation batches must hold the same images (choose ``--test-per-class`` a multiple of
+  ``--batch-size``). ``--accept-prompt-ties`` lets a run go on where the chosen prompts differ only by how a tie of
+  batch votes is broken (recorded in ``report.json``).
+* CODA-Prompt: PILOT's ``get_backbone``, ``CodaPromptVitNet``, ``CodaPrompt`` and ``Learner`` run unchanged; its
+  ``vit_coda_promtpt`` ViT gets the seeded ViT-B/16 or, with ``--config-backbone`` (the generalised
+  ``--l2p-config-backbone``, which still works), the ``cil`` config's ViT: its ``_create_vision_transformer`` is
+  replaced as vit_l2p's is, and since its Block has no LayerScale, DINOv2's gammas are folded into ``attn.proj`` /
+  ``mlp.fc2`` (``fold_layer_scale``; the same function up to fp32 rounding). Two further run-time patches, both
+  needed for it to run at all here: the module sees a ``torch`` whose ``zeros(..., requires_grad=True)`` is a
+  non-leaf (its forward adds in place to ``torch.zeros((1,), requires_grad=True).to(device)``, which on the CPU is
+  the leaf itself and raises; on a GPU ``.to`` copies), and, for a ViT narrower than 768, ``models.coda_prompt``
+  builds a subclass of ``CodaPromptVitNet`` that re-makes its ``fc`` and ``CodaPrompt`` (both hard-coded at 768)
+  at the ViT's width. ``exps/coda_prompt.json`` as is (Adam 0.001, cosine, 100 components of 8 tokens, ortho 0;
+  ``tuned_epoch`` / ``batch_size`` from the command line); its train loader drops the last incomplete batch, so
+  choose ``--train-per-class`` x classes per task a multiple of ``--batch-size``. Before training
+  (``_coda_checks``): the json's values vs ``cil``'s, the learning rate of every epoch (their ``CosineSchedule``
+  vs our ``LambdaLR``), components per task (their ``int(100 / nb_tasks)``, ours ``pool_size // tasks``); PILOT's
+  initial components, keys, attention vectors and head rows are copied into a copy of ``cil``'s CODA-Prompt and one
+  training step is made on each side through its own code in task 1 and task 2 (task 2 from PILOT's stepped task-1
+  state, after its ``process_task_count`` allocated the second slice under a fixed seed): query, per block the
+  weights ``alpha = cos(q * A, K)`` (read from their einsum) and the prompt, logits, loss, gradients of every
+  trained tensor, parameters after the Adam step, earlier components and other head rows unmoved. The allocation
+  itself is compared tensor by tensor from the same ``torch.manual_seed`` (their ``gram_schmidt`` vs
+  ``cil.layers.gram_schmidt_rows``), and as a whole procedure (the two sides draw the tensors in different orders).
+  Evaluation logits of task 1's test images must agree too.
 
 Two further wrappers only observe: ``utils.factory.get_model`` hands the Learner it builds to the harness, whose
 ``_eval_cnn`` is wrapped to keep its predictions (same return value); on our side ``cil.engine.TaskAccuracy`` is
@@ -88,6 +134,7 @@ import numpy as np
 import pandas as pd
 import timm
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -95,7 +142,7 @@ import cil
 import cil.engine
 from cil.data import ArrayDataset, DataConfig, Transformed
 from cil.metrics import TaskAccuracy
-from cil.task import LabelMapped
+from cil.task import LabelMapped, Task
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,7 +177,14 @@ METHODS = {
     "aper_vpt_deep": MethodSpec("aper_vpt_deep.json", "configs/experiments/aper_vpt_deep_offline.yaml", "vpt"),
     "aper_vpt_shallow": MethodSpec("aper_vpt_shallow.json", "configs/experiments/aper_vpt_shallow_offline.yaml", "vpt"),
     "aper_finetune": MethodSpec("aper_finetune.json", "configs/experiments/aper_finetune_offline.yaml", "timm"),
+    "l2p": MethodSpec("l2p.json", "configs/experiments/l2p_offline.yaml", "vit_l2p"),
+    "coda_prompt": MethodSpec(
+        "coda_prompt.json",
+        "configs/experiments/coda_prompt_offline.yaml",
+        "vit_coda_promtpt",  # sic: PILOT's name
+    ),
 }
+CONFIG_BACKBONE_METHODS = ("l2p", "coda_prompt")  # PILOT's ViT rebuilt in the shape of the cil config's
 VIT_B16 = "vit_base_patch16_224"  # the timm model PILOT's vit_mos / vit_adapter factories load their weights from
 
 
@@ -238,7 +292,7 @@ def _pilot_args(
         device=[-1] if device == "cpu" else [0],
         config=f"exps/{spec.pilot_json}",  # what main.py would add
     )
-    if not spec.seeded_vit:  # MOS / APER keep their json's: their get_backbone branches on the name
+    if not spec.seeded_vit:  # MOS / APER / L2P keep their json's: their get_backbone branches on the name
         args["backbone_type"] = backbone_type  # names the log file; the patched get_backbone ignores it
     return args
 
@@ -305,7 +359,8 @@ class _TimmWithLocalWeights:
         return getattr(timm, name)
 
     def create_model(self, name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if name == f"{VIT_B16}_ssf":  # registered by PILOT's vit_ssf, whose weight loading the harness replaces
+        if name in (f"{VIT_B16}_ssf", f"{VIT_B16}_l2p", f"{VIT_B16}_coda_prompt"):  # registered by PILOT's vit_ssf
+            # / vit_l2p / vit_coda_promtpt, whose weight loading the harness replaces
             return timm.create_model(name, pretrained=pretrained, **kwargs)
         if name != VIT_B16:
             raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {name!r}")
@@ -327,7 +382,11 @@ def _load_seeded(model: nn.Module, state: dict[str, torch.Tensor], own: tuple[st
 
 
 def _pilot_vit_patches(
-    pilot_backbone: str, inc_net: Any, state: dict[str, torch.Tensor], img_size: int
+    pilot_backbone: str,
+    inc_net: Any,
+    state: dict[str, torch.Tensor],
+    img_size: int,
+    architecture: dict[str, Any] | None = None,
 ) -> list[contextlib.AbstractContextManager[None]]:
     """PILOT's own ``get_backbone`` runs unchanged (it builds the tuning config from ``args``); what it calls to
     build a ViT is redirected to the seeded weights at the harness's image size, at the narrowest point:
@@ -341,7 +400,11 @@ def _pilot_vit_patches(
       parameters initialised by PILOT's ``init_ssf_scale_shift``), then the seeded weights (same key names);
     * ``vpt``: ``backbone.vpt.build_promptmodel`` runs unchanged; it sees the shim as ``timm`` and a ``VPT_ViT``
       built at ``img_size`` (it constructs one at 224 px);
-    * ``timm``: nothing beyond the shim (APER with fine-tuning: PILOT tunes timm's own ViT).
+    * ``timm``: nothing beyond the shim (APER with fine-tuning: PILOT tunes timm's own ViT);
+    * ``vit_l2p``: its ``_create_vision_transformer`` (timm-0.6 registry calls) is replaced by
+      ``vit_l2p.VisionTransformer(img_size=..., **kwargs)`` (``architecture`` overriding ViT-B/16's shape) and the
+      weights through vit_l2p's own ``checkpoint_filter_fn`` (prompt slots get the class token's position);
+    * ``vit_coda_promtpt``: likewise (see :func:`_coda_patches`; LayerScale folded into the weights).
 
     ``utils.inc_net`` always sees the shim as ``timm``: APER's dual-branch network asks
     ``get_backbone("pretrained_vit_b16_224")`` for the plain PTM, which is ``timm.create_model("vit_base_patch16_224",
@@ -359,6 +422,24 @@ def _pilot_vit_patches(
             return _load_seeded(module.VisionTransformer(img_size=img_size, **kwargs), state, ("ssf_",))
 
         return [*patches, _patched(module, "_create_vision_transformer", create)]
+    if pilot_backbone == "vit_l2p":
+        module = importlib.import_module("backbone.vit_l2p")
+
+        def create_l2p(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+            if variant != VIT_B16:
+                raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {variant!r}")
+            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm 1.x registry arguments
+                kwargs.pop(key, None)
+            kwargs.update(architecture or {})  # --l2p-config-backbone: the shape of cil's ViT instead of ViT-B/16
+            model = module.VisionTransformer(img_size=img_size, **kwargs)
+            if not pretrained:
+                return model
+            # their own filter: pos_embed resized for the prompt slots (the class token's, repeated)
+            return _load_seeded(model, module.checkpoint_filter_fn(dict(state), model), ("prompt.",))
+
+        return [*patches, _patched(module, "_create_vision_transformer", create_l2p)]
+    if pilot_backbone == "vit_coda_promtpt":
+        return [*patches, *_coda_patches(inc_net, state, img_size, architecture)]
     if pilot_backbone == "vpt":
         module = importlib.import_module("backbone.vpt")
         vpt_vit = module.VPT_ViT
@@ -380,6 +461,22 @@ def _pilot_vit_patches(
             return factory(*args, **kwargs)
 
     return [*patches, _patched(module, factory_name, wrapped)]
+
+
+def _vit_architecture(vit: Any) -> dict[str, Any]:
+    """The constructor arguments of PILOT's (timm-0.6-style) ``VisionTransformer`` that rebuild a plain timm ViT
+    (``--config-backbone``): patch size, width, depth, heads, MLP ratio, q/k/v bias and LayerScale."""
+    block = vit.blocks[0]
+    layer_scale = not isinstance(block.ls1, nn.Identity)
+    return {
+        "patch_size": int(vit.patch_embed.patch_size[0]),
+        "embed_dim": int(vit.embed_dim),
+        "depth": len(vit.blocks),
+        "num_heads": int(block.attn.num_heads),
+        "mlp_ratio": block.mlp.fc1.out_features / vit.embed_dim,
+        "qkv_bias": block.attn.qkv.bias is not None,
+        "init_values": 1e-5 if layer_scale else None,  # the loaded gammas replace it
+    }
 
 
 def _timm_to_vit_mos_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -618,6 +715,736 @@ def _check_tuned_branch(
     return report
 
 
+# ---- L2P -----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _check_l2p_backbone(
+    plain: cil.Backbone, method: cil.CILMethod, network: nn.Module, inputs: torch.Tensor, batch: int
+) -> dict[str, Any]:
+    """L2P before training: PILOT's ``PromptVitNet`` holds two ``vit_l2p`` ViTs, the prompted one and
+    ``original_backbone`` (the query). Both must hold ``cil``'s weights (the prompted one's ``pos_embed`` with the
+    class token's position repeated for the 25 prompt slots, as their ``resize_pos_embed`` makes it), and the query,
+    ``original_backbone(x)["pre_logits"]`` vs ``cil``'s ``L2P.query`` (the frozen ViT's final-norm class token), must
+    agree to fp32 rounding (their attention: ``q @ k.T``, softmax, ``@ v``; timm's: SDPA)."""
+    ours = plain.model.state_dict()
+    original = {k: v for k, v in network.original_backbone.state_dict().items() if not k.startswith("head.")}
+    prompted = {k: v for k, v in network.backbone.state_dict().items() if not k.startswith(("prompt.", "head."))}
+    slots = prompted["pos_embed"].shape[1] - ours["pos_embed"].shape[1]
+    expected_pos = torch.cat([ours["pos_embed"][:, :1].expand(-1, slots + 1, -1), ours["pos_embed"][:, 1:]], dim=1)
+    query = cast(Callable[[torch.Tensor], torch.Tensor], method.query)
+    with _eval_mode(plain, network):
+        theirs = torch.cat([network.original_backbone(x)["pre_logits"] for x in inputs.split(batch)])
+        mine = torch.cat([query(x) for x in inputs.split(batch)])
+    return {
+        "state_dict_equal": _same_state(ours, original) and _same_state({**ours, "pos_embed": expected_pos}, prompted),
+        "original_backbone_state_equal": _same_state(ours, original),
+        "prompted_backbone_state_equal": _same_state({**ours, "pos_embed": expected_pos}, prompted),
+        "prompt_slots": int(slots),
+        "tensors_compared": len(ours),
+        "images": len(inputs),
+        "feature_dim": int(mine.shape[1]),
+        **feature_gap(mine, theirs),
+    }
+
+
+def _l2p_transplant(method: cil.CILMethod, network: nn.Module, known: int, total: int) -> Any:
+    """A copy of ``cil``'s L2P as it stands in a task with classes ``known..total-1`` (head grown to ``total``
+    rows), holding PILOT's current prompt pool (keys ``[P, D]``, prompts ``[P, L, D]``) and head rows."""
+    ours: Any = copy.deepcopy(method)
+    ours.log = lambda *args, **kwargs: None  # training_step outside a Trainer
+    ours.seen_classes, ours.new_classes = list(range(total)), list(range(known, total))
+    if ours.head.num_classes < total:
+        ours.head.expand(total - ours.head.num_classes)
+    prompt, head = network.backbone.prompt, network.backbone.head
+    with torch.no_grad():
+        ours.pool.keys.copy_(prompt.prompt_key)
+        ours.pool.prompts.copy_(prompt.prompt)
+        ours.head.weight.copy_(head.weight[:total])
+        ours.head.bias.copy_(head.bias[:total])
+    return ours
+
+
+def _gap(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, float]:
+    diff = (ours.detach().float() - theirs.detach().float()).abs()
+    scale = theirs.detach().float().abs().max()
+    return {"max_abs_diff": float(diff.max()), "max_rel_diff": float(diff.max() / scale) if scale > 0 else 0.0}
+
+
+def _check_l2p_step(
+    method: cil.CILMethod, learner: Any, x: torch.Tensor, y: torch.Tensor, known: int, total: int
+) -> dict[str, Any]:
+    """One training step from the same state on the same batch, each side through its own code: PILOT's
+    ``Learner._init_train`` (one epoch over a one-batch loader, its own optimizer from ``get_optimizer``) and
+    ``cil``'s ``training_step`` + ``configure_optimizers``. Compared: the query, the chosen prompt ids, the pull term
+    (``reduce_sim``), the logits, the loss, the gradient of every trained tensor and the tensors after the step."""
+    learner = copy.deepcopy(learner)
+    net = learner._network
+    learner._cur_task = 0 if known == 0 else 1
+    learner._known_classes, learner._total_classes = known, total
+    ours = _l2p_transplant(method, net, known, total)
+    before = {n: p.detach().clone() for n, p in net.backbone.named_parameters() if p.requires_grad}
+    recorded: dict[str, Any] = {}
+    forward = net.forward
+
+    def recording_forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            recorded["query"] = net.original_backbone(args[0])["pre_logits"].clone()
+        out = forward(*args, **kwargs)
+        recorded["out"] = out  # their loop then writes -inf into out["logits"][:, :known], in place
+        return out
+
+    net.forward = recording_forward
+    optimizer = learner.get_optimizer()
+    theirs_trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    learner.args = {**learner.args, "tuned_epoch": 1}
+    learner._init_train([(None, x, y)], None, optimizer, None)
+    out = recorded["out"]
+    theirs_logits = out["logits"][:, :total].detach()
+    theirs_loss = F.cross_entropy(theirs_logits, y.long()) - learner.args["pull_constraint_coeff"] * out["reduce_sim"]
+
+    ours.train()
+    opt = ours.configure_optimizers()
+    ours_trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+    query = ours.query(x)
+    _, ids, pull = ours.pool.select(query)
+    z, _ = ours.prompted(x)
+    logits = ours.head(z)
+    loss = ours.training_step((x, y), 0)
+    opt.zero_grad()
+    loss.backward()
+    names = {"pool.keys": "prompt.prompt_key", "pool.prompts": "prompt.prompt", "head.weight": "head.weight"}
+    names["head.bias"] = "head.bias"
+    theirs_params = dict(net.backbone.named_parameters())
+    ours_params = dict(ours.named_parameters())
+    grads = {
+        n: _gap(ours_params[n].grad, theirs_params[t].grad[:total] if n.startswith("head") else theirs_params[t].grad)
+        for n, t in names.items()
+    }
+    opt.step()
+    lr, eps = float(opt.param_groups[0]["lr"]), float(opt.param_groups[0]["eps"])  # see _coda_step: Adam's bound
+    after = {
+        n: {
+            **_gap(ours_params[n], theirs_params[t][:total] if n.startswith("head") else theirs_params[t]),
+            "adam_bound": lr * grads[n]["max_abs_diff"] / eps,
+        }
+        for n, t in names.items()
+    }
+    moved = (theirs_params["head.weight"].detach() - before["head.weight"]).abs().amax(dim=1)  # [rows]
+    outside_moved = float(torch.cat([moved[:known], moved[total:]]).max()) if known or total < len(moved) else 0.0
+    masked = logits.detach().clone()
+    masked[:, :known] = float("-inf")
+    top_k = int(out["prompt_idx"].shape[1])
+    pool_size = int(out["similarity"].shape[1])
+    votes = torch.bincount(out["similarity"].topk(top_k, dim=1).indices.flatten(), minlength=pool_size)  # [P]
+    ours_ids, theirs_ids = set(ids[0].tolist()), set(out["prompt_idx"][0].tolist())
+    # batch-wise: the ids that differ all hold the k-th largest vote count (a tie, broken differently)
+    kth = int(votes.sort(descending=True).values[top_k - 1])
+    tie_only = bool(ours_ids != theirs_ids and all(int(votes[i]) == kth for i in ours_ids ^ theirs_ids))
+    return {
+        "known": known,
+        "total": total,
+        "batch": len(y),
+        "labels": sorted(set(y.tolist())),
+        "trained_tensors": {
+            "cil": sorted(f"{n} {list(ours_params[n].shape)}" for n in ours_trained),
+            "pilot": sorted(f"{n} {list(dict(net.named_parameters())[n].shape)}" for n in theirs_trained),
+        },
+        "query": _gap(query, recorded["query"]),
+        "chosen_ids_equal": bool(torch.equal(ids.sort(dim=1).values, out["prompt_idx"].sort(dim=1).values)),
+        "chosen_ids_cil": ids[0].tolist(),
+        "chosen_ids_pilot": out["prompt_idx"][0].tolist(),
+        "distinct_id_sets": len({tuple(sorted(r)) for r in ids.tolist()}),
+        "votes_per_prompt": votes.tolist(),  # how many images of the batch have each prompt in their own top k
+        "ids_differ_by_tie_only": tie_only,
+        "reduce_sim": {"cil": float(pull), "pilot": float(out["reduce_sim"]), **_gap(pull, out["reduce_sim"])},
+        "logits": _gap(masked[:, known:], theirs_logits[:, known:]),
+        "loss": {"cil": float(loss), "pilot": float(theirs_loss), **_gap(loss, theirs_loss)},
+        "grad": grads,
+        "after_step": after,
+        "pilot_head_rows_outside_task_moved": outside_moved,  # earlier and future classes' rows: 0 expected
+    }
+
+
+@torch.no_grad()
+def _check_l2p_eval(
+    method: cil.CILMethod, network: nn.Module, inputs: torch.Tensor, batch: int, total: int
+) -> dict[str, Any]:
+    """Evaluation from the same state: PILOT's ``network(x)["logits"][:, :total]`` (eval mode) vs ``cil``'s
+    ``forward`` with its head at ``total`` rows, on ``inputs`` in PILOT's test order and batches (batch-wise
+    selection votes per batch); per batch, whether the chosen prompts are the same, or differ by a tie only."""
+    ours = _l2p_transplant(method, network, 0, total)
+    mine, theirs, ids_differ, tie_only = [], [], 0, 0
+    with _eval_mode(ours, network):
+        for x in inputs.split(batch):
+            mine.append(ours(x))
+            q = network.original_backbone(x)["pre_logits"]
+            res = network.backbone(x, cls_features=q)
+            theirs.append(res["logits"][:, :total])
+            _, ids, _ = ours.pool.select(ours.query(x))
+            a, b = set(ids[0].tolist()), set(res["prompt_idx"][0].tolist())
+            if a != b:
+                ids_differ += 1
+                k = int(res["prompt_idx"].shape[1])
+                votes = torch.bincount(
+                    res["similarity"].topk(k, dim=1).indices.flatten(), minlength=res["similarity"].shape[1]
+                )
+                kth = int(votes.sort(descending=True).values[k - 1])
+                tie_only += all(int(votes[i]) == kth for i in a ^ b)
+    ours_logits, theirs_logits = torch.cat(mine), torch.cat(theirs)
+    return {
+        "images": len(inputs),
+        "classes": total,
+        "batches": len(mine),
+        "batches_with_other_prompts": ids_differ,
+        "of_which_tie_only": tie_only,
+        "same_predictions": int((ours_logits.argmax(1) == theirs_logits.argmax(1)).sum()),
+        **_gap(ours_logits, theirs_logits),
+    }
+
+
+def _l2p_checks(
+    method: cil.CILMethod,
+    learner: Any,
+    dm: Any,
+    stream: cil.Stream,
+    batch: int,
+    seed: int,
+    batchwise: bool,
+    accept_ties: bool = False,
+) -> dict[str, Any]:
+    """The L2P checks before training: one training step in the first task and in the second (old classes masked),
+    each on a batch of ``batch`` training images drawn with ``seed`` (evaluation transform, so the same tensors on
+    both sides); evaluation over the first task's test images; and, for batch-wise selection, that the two sides'
+    evaluation batches hold the same images."""
+    generator = torch.Generator().manual_seed(seed)
+    steps = []
+    known = 0
+    for task in stream.tasks[:2]:
+        total = known + task.num_classes
+        data = dm.get_dataset(np.arange(known, total), source="train", mode="test")
+        pick = torch.randperm(len(data), generator=generator)[:batch].tolist()
+        x = torch.stack([data[i][1] for i in pick])
+        y = torch.as_tensor([int(data[i][2]) for i in pick])
+        steps.append(_check_l2p_step(method, learner, x, y, known, total))
+        known = total
+    first = stream.tasks[0].num_classes
+    test = dm.get_dataset(np.arange(0, first), source="test", mode="test")
+    inputs = torch.stack([test[i][1] for i in range(len(test))])
+    evaluation = _check_l2p_eval(method, learner._network, inputs, batch, first)
+    ours_batches = _eval_batches_cil(stream, batch)
+    theirs_batches = _eval_batches_pilot(dm._test_targets, stream, batch)
+    aligned = [set(a) == set(b) for a, b in zip(ours_batches, theirs_batches, strict=True)]
+
+    def step_ok(step: dict[str, Any]) -> bool:
+        if accept_ties and step["ids_differ_by_tie_only"]:  # nothing after the selection can agree then
+            return True
+        close = [step["query"], step["reduce_sim"], step["logits"], step["loss"]]
+        return (
+            step["chosen_ids_equal"]
+            and all(v["max_rel_diff"] < 1e-5 for v in close)
+            and all(v["max_rel_diff"] < 1e-4 for v in step["grad"].values())
+            and all(
+                v["max_rel_diff"] < 1e-4 or v["max_abs_diff"] <= v["adam_bound"] for v in step["after_step"].values()
+            )
+            and len(step["trained_tensors"]["cil"]) == len(step["trained_tensors"]["pilot"])
+        )
+
+    passed = (
+        all(step_ok(s) for s in steps)
+        and (
+            (evaluation["same_predictions"] == evaluation["images"] and evaluation["max_rel_diff"] < 1e-5)
+            or (accept_ties and evaluation["batches_with_other_prompts"] == evaluation["of_which_tie_only"] > 0)
+        )
+        and (all(aligned) or not batchwise)
+    )
+    return {
+        "batchwise": batchwise,
+        "steps": steps,
+        "eval": evaluation,
+        "eval_batches_aligned": aligned,
+        "passed": bool(passed),
+    }
+
+
+def _eval_batches_pilot(targets: np.ndarray, stream: cil.Stream, batch: int) -> list[list[frozenset[int]]]:
+    """Per step, PILOT's test batches (``shuffle=False`` over all seen classes, class by class) as sets of
+    original test indices."""
+    steps = []
+    for step in range(len(stream)):
+        seen = sum(t.num_classes for t in stream.tasks[: step + 1])
+        order = _pilot_indices(targets, list(range(seen)))
+        steps.append([frozenset(int(i) for i in order[k : k + batch]) for k in range(0, len(order), batch)])
+    return steps
+
+
+def _eval_batches_cil(stream: cil.Stream, batch: int) -> list[list[frozenset[int]]]:
+    """Per step, ``cil``'s test batches (each seen task's test set on its own, in order) as sets of indices."""
+    steps = []
+    for step in range(len(stream)):
+        batches = []
+        for task in stream.tasks[: step + 1]:
+            _, indices = _underlying(task.test)
+            batches += [frozenset(int(i) for i in indices[k : k + batch]) for k in range(0, len(indices), batch)]
+        steps.append(batches)
+    return steps
+
+
+# ---- CODA-Prompt ---------------------------------------------------------------------------------------------
+CODA_WIDTH = 768  # what PILOT's CodaPromptVitNet hard-codes for its head and its CodaPrompt (emb_d, key_dim)
+
+
+def fold_layer_scale(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A timm ViT's weights with LayerScale folded into the layer before it, for a ViT without LayerScale (PILOT's
+    ``vit_coda_promtpt`` Block): ``gamma * (W x + b) = (gamma W) x + gamma b``, so ``blocks.i.ls1.gamma`` scales the
+    rows of ``attn.proj`` and ``ls2.gamma`` those of ``mlp.fc2``. The same function up to fp32 rounding."""
+    folded = {k: v for k, v in state.items() if not k.endswith((".ls1.gamma", ".ls2.gamma"))}
+    for key, gamma in state.items():
+        if key.endswith((".ls1.gamma", ".ls2.gamma")):
+            block, layer = key[: -len(".ls1.gamma")], "attn.proj" if ".ls1." in key else "mlp.fc2"
+            folded[f"{block}.{layer}.weight"] = state[f"{block}.{layer}.weight"] * gamma[:, None]
+            folded[f"{block}.{layer}.bias"] = state[f"{block}.{layer}.bias"] * gamma
+    return folded
+
+
+class _TorchNonLeafZeros:
+    """What PILOT's ``backbone/vit_coda_promtpt.py`` sees as ``torch``: ``torch``, except that
+    ``zeros(..., requires_grad=True)`` returns a non-leaf (a clone). Its forward starts the prompt loss as
+    ``torch.zeros((1,), requires_grad=True).to(device=x.device)`` and adds to it in place; on a GPU ``.to`` copies
+    the leaf, on the CPU it returns the leaf itself and the in-place add fails (``a leaf Variable that requires grad
+    is being used in an in-place operation``). The clone is what ``.to`` gives on a GPU; values are unchanged."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, **kwargs: Any) -> torch.Tensor:
+        tensor = torch.zeros(*args, **kwargs)
+        return tensor.clone() if tensor.requires_grad else tensor
+
+
+def _coda_patches(
+    inc_net: Any, state: dict[str, torch.Tensor], img_size: int, architecture: dict[str, Any] | None
+) -> list[contextlib.AbstractContextManager[None]]:
+    """PILOT's CODA-Prompt, built unchanged but at the harness's ViT: ``get_backbone`` calls
+    ``timm.create_model("vit_base_patch16_224_coda_prompt", pretrained=True)``, whose ``_create_vision_transformer``
+    (timm-0.6 registry calls) becomes ``vit_coda_promtpt.VisionTransformer(img_size=..., **kwargs)`` (with
+    ``architecture``: the config ViT's shape) plus the weights through vit_coda_promtpt's own
+    ``checkpoint_filter_fn``. Its Block has no LayerScale: DINOv2's gammas are folded into ``attn.proj`` /
+    ``mlp.fc2`` (:func:`fold_layer_scale`); the module sees :class:`_TorchNonLeafZeros` as ``torch`` (its forward
+    fails on the CPU otherwise). ``CodaPromptVitNet`` hard-codes width 768 for its head and its ``CodaPrompt``; for
+    another width the class that ``models.coda_prompt`` builds is replaced by a subclass that, after its own
+    ``__init__``, rebuilds the two (``nn.Linear(D, nb_classes)``, ``CodaPrompt(D, nb_tasks, prompt_param,
+    key_dim=D)``) at the ViT's width ``D``."""
+    module = importlib.import_module("backbone.vit_coda_promtpt")
+    shape = dict(architecture or {})
+    shape.pop("init_values", None)  # their Block has no LayerScale: folded into the weights instead
+    weights = fold_layer_scale(state)
+
+    def create_coda(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if variant != VIT_B16:
+            raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {variant!r}")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm 1.x registry arguments
+            kwargs.pop(key, None)
+        kwargs.update(shape)
+        model = module.VisionTransformer(img_size=img_size, **kwargs)
+        if not pretrained:
+            return model
+        return _load_seeded(model, module.checkpoint_filter_fn(dict(weights), model), ())
+
+    patches: list[contextlib.AbstractContextManager[None]] = [
+        _patched(module, "_create_vision_transformer", create_coda),
+        _patched(module, "torch", _TorchNonLeafZeros()),
+    ]
+    width = int(shape.get("embed_dim", CODA_WIDTH))
+    if width != CODA_WIDTH:
+        base, prompt_cls = inc_net.CodaPromptVitNet, inc_net.CodaPrompt
+
+        class CodaPromptVitNetAtWidth(base):  # type: ignore[misc, valid-type]
+            def __init__(self, args: dict[str, Any], pretrained: bool) -> None:
+                super().__init__(args, pretrained)
+                self.fc = nn.Linear(width, args["nb_classes"])
+                self.prompt = prompt_cls(width, args["nb_tasks"], args["prompt_param"], key_dim=width)
+
+        learner_module = importlib.import_module("models.coda_prompt")
+        # only where the Learner looks it up: utils.inc_net's own name must stay the class (its __init__ calls
+        # super(CodaPromptVitNet, self))
+        patches.append(_patched(learner_module, "CodaPromptVitNet", CodaPromptVitNetAtWidth))
+    return patches
+
+
+def _coda_hyperparameters(pilot_args: dict[str, Any], method: cil.CILMethod, epochs: int) -> dict[str, Any]:
+    """The json's values next to ``cil``'s (``prompt_param`` = [pool, length, ortho weight])."""
+    ours: Any = method
+    pool, length, ortho = pilot_args["prompt_param"]
+    pairs = {
+        "pool_size": (ours.pool_size, int(pool)),
+        "length": (ours.length, int(length)),
+        "ortho_weight": (float(ours.ortho_weight), float(ortho)),
+        "lr": (float(ours.lr), float(pilot_args["init_lr"])),
+        "weight_decay": (float(ours.weight_decay), float(pilot_args["weight_decay"])),
+        "epochs": (int(ours.epochs), int(pilot_args["tuned_epoch"])),
+        "optimizer": ("adam", pilot_args["optimizer"]),
+        "scheduler": ("coda_cosine", pilot_args["scheduler"]),
+    }
+    same = all(a == b for k, (a, b) in pairs.items() if k not in ("scheduler",)) and pairs["scheduler"][1] == "cosine"
+    return {**{k: {"cil": a, "pilot": b} for k, (a, b) in pairs.items()}, "equal": bool(same)}
+
+
+_PILOT_NAMES = {"components": "e_p", "keys": "e_k", "attention": "e_a"}  # CodaPrompt's e_<x>_<block>
+
+
+def _coda_tensors(prompt: Any, layer: int) -> dict[str, torch.Tensor]:
+    """One layer's parameters of PILOT's ``CodaPrompt``, under ``cil``'s ``ComponentPool`` names."""
+    return {name: getattr(prompt, f"{short}_{layer}") for name, short in _PILOT_NAMES.items()}
+
+
+def _coda_transplant(method: cil.CILMethod, network: nn.Module, task: int, known: int, total: int) -> Any:
+    """A copy of ``cil``'s CODA-Prompt as it stands in task ``task`` (classes ``known..total-1``, head at ``total``
+    rows, as many tasks as PILOT's ``n_tasks``), holding PILOT's current components, keys, attention vectors and head
+    rows."""
+    ours: Any = copy.deepcopy(method)
+    ours.log = lambda *args, **kwargs: None  # training_step outside a Trainer
+    prompt: Any = network.prompt
+    ours.num_tasks, ours.task_index = int(prompt.n_tasks), task
+    ours.seen_classes, ours.new_classes = list(range(total)), list(range(known, total))
+    if ours.head.num_classes < total:
+        ours.head.expand(total - ours.head.num_classes)
+    if list(ours.layers) != list(prompt.e_layers):
+        raise ValueError(f"prompted blocks differ: cil {ours.layers}, PILOT {prompt.e_layers}")
+    fc: Any = network.fc
+    with torch.no_grad():
+        for layer, pool in zip(ours.layers, ours.pools, strict=True):
+            for name, value in _coda_tensors(prompt, layer).items():
+                getattr(pool, name).copy_(value)
+        ours.head.weight.copy_(fc.weight[:total])
+        ours.head.bias.copy_(fc.bias[:total])
+    return ours
+
+
+class _EinsumRecorder:
+    """What PILOT's ``backbone/prompt.py`` sees as ``torch`` during a check: ``torch``, with every result of the
+    einsum ``'bkd,kd->bk'`` (CodaPrompt's weights ``alpha = cos(q * A, K)``, one call per prompted block) kept."""
+
+    def __init__(self, kept: list[torch.Tensor]) -> None:
+        self.kept = kept
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    def einsum(self, equation: str, *operands: Any) -> torch.Tensor:
+        result = torch.einsum(equation, *operands)
+        if equation == "bkd,kd->bk":
+            self.kept.append(result.detach().clone())
+        return result
+
+
+def _coda_allocation(method: cil.CILMethod, prompt: Any, task: Task, seed: int) -> dict[str, Any]:
+    """Task ``task``'s Gram-Schmidt allocation, from PILOT's prompt state before it: PILOT's ``gram_schmidt`` (at
+    ``task_count + 1``) vs ``cil.layers.gram_schmidt_rows``, each tensor from the same ``torch.manual_seed(seed)``
+    (their ``randn_like(column)`` and our ``randn(F)`` draw the same numbers in the same order); then the whole
+    procedure from one seed: PILOT's ``process_task_count`` vs ``cil``'s ``before_task``."""
+    from cil.layers import gram_schmidt_rows
+
+    theirs: Any = copy.deepcopy(prompt)
+    theirs.task_count += 1
+    per = int(theirs.e_pool_size / theirs.n_tasks)
+    start, stop = theirs.task_count * per, (theirs.task_count + 1) * per
+    tensors: dict[str, Any] = {}
+    for layer in theirs.e_layers:
+        for name, value in _coda_tensors(theirs, layer).items():
+            torch.manual_seed(seed)
+            a = theirs.gram_schmidt(value.detach().clone()).detach()
+            torch.manual_seed(seed)
+            b = gram_schmidt_rows(value.detach().flatten(1), start, stop).view_as(value)
+            new = b.flatten(1)[start:stop]
+            tensors[f"{layer}.{name}"] = {
+                "bit_identical": bool(torch.equal(a, b)),
+                **_gap(b, a),
+                "earlier_rows_kept": bool(torch.equal(b.flatten(1)[:start], value.detach().flatten(1)[:start])),
+                "later_rows_zero": bool((b.flatten(1)[stop:] == 0).all()),
+                "new_rows_orthonormal_err": float((new @ new.T - torch.eye(len(new))).abs().max()),
+            }
+    # the whole procedure: same seed once, then each side's own order of draws
+    whole_theirs: Any = copy.deepcopy(prompt)
+    torch.manual_seed(seed)
+    whole_theirs.process_task_count()
+    ours: Any = copy.deepcopy(method)
+    ours.num_tasks, ours.task_index = int(prompt.n_tasks), task.index
+    with torch.no_grad():
+        for layer, pool in zip(ours.layers, ours.pools, strict=True):
+            for name, value in _coda_tensors(prompt, layer).items():
+                getattr(pool, name).copy_(value)
+    torch.manual_seed(seed)
+    ours.before_task(task)
+    whole = {
+        f"{layer}.{name}": _gap(getattr(pool, name), value)
+        for layer, pool in zip(ours.layers, ours.pools, strict=True)
+        for name, value in _coda_tensors(whole_theirs, layer).items()
+    }
+    return {
+        "rows": [start, stop],
+        "per_tensor_same_seed": tensors,
+        "per_tensor_bit_identical": sum(v["bit_identical"] for v in tensors.values()),
+        "per_tensor_max_abs_diff": max(v["max_abs_diff"] for v in tensors.values()),
+        "tensors": len(tensors),
+        "whole_procedure_max_abs_diff": max(v["max_abs_diff"] for v in whole.values()),
+        "whole_procedure_order": {
+            "pilot": "per block: keys, attention, components",
+            "cil": "per block: components, keys, attention",
+        },
+    }
+
+
+def _check_coda_step(
+    method: cil.CILMethod, learner: Any, x: torch.Tensor, y: torch.Tensor, task: Task, known: int, seed: int
+) -> tuple[dict[str, Any], Any]:
+    """One training step of task ``task`` from the same state on the same batch, each side through its own code:
+    PILOT's ``Learner._init_train`` (a one-batch loader, one epoch, its ``get_optimizer()``) and ``cil``'s
+    ``training_step`` + ``configure_optimizers()``. For a later task, PILOT's ``process_task_count`` first allocates
+    the task's components (seeded) and the result is what both sides start from. Compared: the query, per block
+    the weights ``alpha`` and the prompt, the logits, the loss, every trained tensor's gradient and the tensors after
+    the step. Returns the report and PILOT's learner after the step (the next task's start)."""
+    total = known + task.num_classes
+    learner = copy.deepcopy(learner)
+    net, prompt = learner._network, learner._network.prompt
+    learner._cur_task, learner._known_classes, learner._total_classes = task.index, known, total
+    allocation = None
+    if task.index > 0:
+        allocation = _coda_allocation(method, prompt, task, seed)
+        torch.manual_seed(seed)
+        prompt.process_task_count()
+    ours = _coda_transplant(method, net, task.index, known, total)
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if p.requires_grad}
+    recorded: dict[str, Any] = {"q": [], "prompts": [], "alpha": []}
+    prompt_forward, net_forward = prompt.forward, net.forward
+
+    def recording_prompt(x_querry: torch.Tensor, layer: int, x_block: torch.Tensor, train: bool = False) -> Any:
+        p_return, loss, block = prompt_forward(x_querry, layer, x_block, train=train)
+        if p_return is not None:
+            recorded["q"].append(x_querry.detach().clone())
+            recorded["prompts"].append(torch.cat(p_return, dim=1).detach().clone())  # [B, L, D]: keys, values
+        return p_return, loss, block
+
+    def recording_forward(*args: Any, **kwargs: Any) -> Any:
+        out = net_forward(*args, **kwargs)
+        recorded["out"] = out  # their loop then writes -inf into logits[:, :known], in place
+        return out
+
+    prompt.forward, net.forward = recording_prompt, recording_forward
+    learner.data_weighting()
+    optimizer = learner.get_optimizer()
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    theirs_trained = {n for n, p in net.named_parameters() if id(p) in in_optimizer}  # its ViT keeps requires_grad
+    frozen_with_grad = sum(1 for n, p in net.named_parameters() if p.requires_grad and n not in theirs_trained)
+    learner.args = {**learner.args, "tuned_epoch": 1}
+    with _patched(sys.modules["backbone.prompt"], "torch", _EinsumRecorder(recorded["alpha"])):
+        learner._init_train([(None, x, y)], None, optimizer, None)
+    del prompt.forward, net.forward  # the class's methods again
+    logits_out, prompt_loss = recorded["out"]
+    theirs_logits = logits_out[:, :total].detach()
+    theirs_loss = F.cross_entropy(theirs_logits, y.long()) + prompt_loss.sum()
+
+    ours.train()
+    opt = ours.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for group in opt.param_groups for p in group["params"]}
+    ours_trained = {n for n, p in ours.named_parameters() if id(p) in in_optimizer}
+    query = ours.query(x)
+    start, stop = ours._span()
+    with torch.no_grad():
+        pooled = [pool(query, start, stop) for pool in ours.pools]  # (prompt [B, L, D], alpha [B, N_used])
+    z, _ = ours.prompted(x)
+    logits = ours.head(z)
+    loss = ours.training_step((x, y), 0)
+    opt.zero_grad()
+    loss.backward()
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for layer, pool in zip(ours.layers, ours.pools, strict=True):
+        for name, value in _coda_tensors(prompt, layer).items():
+            pairs[f"pools.{layer}.{name}"] = (getattr(pool, name), value)
+    pairs["head.weight"] = (ours.head.weight, net.fc.weight)
+    pairs["head.bias"] = (ours.head.bias, net.fc.bias)
+
+    def rows(theirs: torch.Tensor, n: str) -> torch.Tensor:
+        return theirs[:total] if n.startswith("head") else theirs
+
+    grads = {n: _gap(cast(torch.Tensor, a.grad), rows(cast(torch.Tensor, b.grad), n)) for n, (a, b) in pairs.items()}
+    opt.step()
+    # Adam's first step is -lr g / (|g| + eps): an element whose gradient is near eps moves by up to lr |dg| / eps
+    # for a gradient difference dg, so the step's difference is bounded by that, not by fp32 rounding of the step
+    lr, eps = float(opt.param_groups[0]["lr"]), float(opt.param_groups[0]["eps"])
+    after = {
+        n: {**_gap(a, rows(b, n)), "adam_bound": lr * grads[n]["max_abs_diff"] / eps} for n, (a, b) in pairs.items()
+    }
+    theirs_params = dict(net.named_parameters())
+    moved = (theirs_params["fc.weight"].detach() - before["fc.weight"]).abs().amax(dim=1)  # [rows]
+    outside = torch.cat([moved[:known], moved[total:]])
+    earlier_moved = {"pilot": 0.0, "cil": 0.0}  # earlier tasks' rows: detached on both sides, 0 expected
+    for layer, pool in zip(ours.layers, ours.pools, strict=True):
+        for name, value in _coda_tensors(prompt, layer).items():
+            initial = before[f"prompt.{_PILOT_NAMES[name]}_{layer}"]
+            for side, tensor in (("pilot", value), ("cil", getattr(pool, name))):
+                change = float((tensor.detach() - initial)[:start].abs().max()) if start else 0.0
+                earlier_moved[side] = max(earlier_moved[side], change)
+    report = {
+        "task": task.index,
+        "known": known,
+        "total": total,
+        "components": [start, stop],
+        "batch": len(y),
+        "labels": sorted(set(y.tolist())),
+        "trained_tensors": {"cil": len(ours_trained), "pilot": len(theirs_trained)},
+        "pilot_vit_tensors_with_grad_not_optimised": frozen_with_grad,
+        "trained_elements": {
+            "cil": sum(dict(ours.named_parameters())[n].numel() for n in ours_trained),
+            "pilot": sum(theirs_params[n].numel() for n in theirs_trained),
+        },
+        "query": _gap(query, recorded["q"][0]),
+        "alpha": {
+            str(layer): _gap(w, a) for layer, (_, w), a in zip(ours.layers, pooled, recorded["alpha"], strict=True)
+        },
+        "prompts": {
+            str(layer): _gap(p, r) for layer, (p, _), r in zip(ours.layers, pooled, recorded["prompts"], strict=True)
+        },
+        "logits": _gap(logits[:, known:], theirs_logits[:, known:]),
+        "loss": {"cil": float(loss.detach()), "pilot": float(theirs_loss.detach()), **_gap(loss, theirs_loss)},
+        "grad": grads,
+        "after_step": after,
+        "pilot_head_rows_outside_task_moved": float(outside.max()) if len(outside) else 0.0,
+        "earlier_components_moved": earlier_moved,
+    }
+    if allocation is not None:
+        report["allocation"] = allocation
+    return report, learner
+
+
+@torch.no_grad()
+def _check_coda_backbone(plain: cil.Backbone, network: nn.Module, inputs: torch.Tensor, batch: int) -> dict[str, Any]:
+    """CODA-Prompt before training: PILOT's ``vit_coda_promtpt`` ViT holds ``cil``'s weights (LayerScale folded,
+    :func:`fold_layer_scale`), and its unprompted final-norm class token, ``backbone(x)[0][:, 0]`` (their query),
+    agrees with ``cil``'s ``Backbone`` to fp32 rounding (their attention: ``q @ k.T``, softmax, ``@ v``; timm's:
+    SDPA)."""
+    # cil's prompted blocks hold their attention in a PrefixSlot (``attn.base.``), which owns no parameters
+    ours = fold_layer_scale({k.replace(".attn.base.", ".attn."): v for k, v in plain.model.state_dict().items()})
+    vit: Any = network.backbone
+    theirs = dict(vit.state_dict())
+    with _eval_mode(plain, network):
+        mine = torch.cat([plain(x) for x in inputs.split(batch)])
+        pilot = torch.cat([vit(x)[0][:, 0] for x in inputs.split(batch)])
+    return {
+        "state_dict_equal": _same_state(ours, theirs),
+        "layer_scale_folded": len(plain.model.state_dict()) - len(ours),
+        "tensors_compared": len(ours),
+        "images": len(inputs),
+        "feature_dim": int(mine.shape[1]),
+        **feature_gap(mine, pilot),
+    }
+
+
+@torch.no_grad()
+def _check_coda_eval(
+    method: cil.CILMethod, network: nn.Module, inputs: torch.Tensor, batch: int, total: int
+) -> dict[str, Any]:
+    """Evaluation from the same state (task 1): PILOT's ``network(x)[:, :total]`` (eval mode, components ``[0, f)``)
+    vs ``cil``'s ``forward``, on ``inputs`` in PILOT's test batches."""
+    ours = _coda_transplant(method, network, 0, 0, total)
+    with _eval_mode(ours, network):
+        mine = torch.cat([ours(x) for x in inputs.split(batch)])
+        theirs = torch.cat([network(x)[:, :total] for x in inputs.split(batch)])
+    return {
+        "images": len(inputs),
+        "classes": total,
+        "same_predictions": int((mine.argmax(1) == theirs.argmax(1)).sum()),
+        **_gap(mine, theirs),
+    }
+
+
+def _coda_schedule(method: cil.CILMethod, learner: Any, epochs: int) -> dict[str, Any]:
+    """The learning rate of every epoch of a task: PILOT's ``get_scheduler`` (``CosineSchedule``, stepped once per
+    epoch after it, as ``_init_train`` does) vs ``cil``'s ``configure_optimizers`` (``LambdaLR``, Lightning's
+    ``interval: epoch``)."""
+    sides: dict[str, list[float]] = {}
+    learner = copy.deepcopy(learner)
+    learner.args = {**learner.args, "tuned_epoch": epochs}
+    theirs_opt = learner.get_optimizer()
+    theirs_schedule = learner.get_scheduler(theirs_opt)
+    ours: Any = copy.deepcopy(method)
+    ours.epochs = epochs
+    conf = ours.configure_optimizers()
+    ours_opt, ours_schedule = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    for side, opt, schedule in (("pilot", theirs_opt, theirs_schedule), ("cil", ours_opt, ours_schedule)):
+        lrs = []
+        for _ in range(epochs):
+            lrs.append(float(opt.param_groups[0]["lr"]))
+            opt.step()  # no gradients: nothing moves; keeps torch's step-order warning away
+            schedule.step()
+        sides[side] = lrs
+    gap = max(abs(a - b) for a, b in zip(sides["cil"], sides["pilot"], strict=True))
+    return {**sides, "max_abs_diff": gap, "equal": gap <= 1e-12 * max(sides["pilot"])}
+
+
+def _coda_checks(
+    method: cil.CILMethod, learner: Any, dm: Any, stream: cil.Stream, batch: int, seed: int, pilot_args: dict[str, Any]
+) -> dict[str, Any]:
+    """The CODA-Prompt checks before training: hyper-parameters and the per-epoch learning rate; one training step
+    in the first task and in the second (PILOT's task-1 learner after its step, then its seeded allocation of the
+    second slice, checked against ``cil``'s, old classes masked, old components detached), each on ``batch``
+    training images drawn with ``seed`` (evaluation transform); evaluation over the first task's test images."""
+    generator = torch.Generator().manual_seed(seed)
+    steps = []
+    known = 0
+    current = learner
+    for task in stream.tasks[:2]:
+        total = known + task.num_classes
+        data = dm.get_dataset(np.arange(known, total), source="train", mode="test")
+        pick = torch.randperm(len(data), generator=generator)[:batch].tolist()
+        x = torch.stack([data[i][1] for i in pick])
+        y = torch.as_tensor([int(data[i][2]) for i in pick])
+        step, current = _check_coda_step(method, current, x, y, task, known, seed)
+        steps.append(step)
+        known = total
+    first = stream.tasks[0].num_classes
+    test = dm.get_dataset(np.arange(0, first), source="test", mode="test")
+    inputs = torch.stack([test[i][1] for i in range(len(test))])
+    evaluation = _check_coda_eval(method, learner._network, inputs, batch, first)
+    schedule = _coda_schedule(method, learner, int(pilot_args["tuned_epoch"]))
+    hyper = _coda_hyperparameters(pilot_args, method, int(cast(Any, method).epochs))
+    per_task = {
+        "cil": cast(Any, method).pool_size // len(stream),
+        "pilot": int(learner._network.prompt.e_pool_size / learner._network.prompt.n_tasks),
+    }
+
+    def step_ok(step: dict[str, Any]) -> bool:
+        close = [step["query"], step["logits"], step["loss"], *step["alpha"].values(), *step["prompts"].values()]
+        return (
+            all(v["max_rel_diff"] < 1e-5 for v in close)
+            and all(v["max_rel_diff"] < 1e-4 for v in step["grad"].values())
+            and all(
+                v["max_rel_diff"] < 1e-4 or v["max_abs_diff"] <= v["adam_bound"] for v in step["after_step"].values()
+            )
+            and step["trained_tensors"]["cil"] == step["trained_tensors"]["pilot"]
+            and step["pilot_head_rows_outside_task_moved"] == 0.0
+            and step["earlier_components_moved"]["pilot"] == step["earlier_components_moved"]["cil"] == 0.0
+        )
+
+    allocation = steps[1].get("allocation", {}) if len(steps) > 1 else {}
+    passed = (
+        all(step_ok(s) for s in steps)
+        and evaluation["same_predictions"] == evaluation["images"]
+        and evaluation["max_rel_diff"] < 1e-5
+        and schedule["equal"]
+        and hyper["equal"]
+        and per_task["cil"] == per_task["pilot"]
+        and (not allocation or allocation["per_tensor_max_abs_diff"] < 1e-4)
+    )
+    return {
+        "hyperparameters": hyper,
+        "components_per_task": per_task,
+        "lr_per_epoch": schedule,
+        "steps": steps,
+        "eval": evaluation,
+        "passed": bool(passed),
+    }
+
+
 # ---- comparison ----------------------------------------------------------------------------------------------
 def _cil_predictions(
     calls: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], stream: cil.Stream
@@ -680,6 +1507,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=32, help="MOS / APER: the seeded ViT-B/16's input size")
     parser.add_argument("--backbone-seed", type=int, default=0, help="MOS / APER: seed of the ViT-B/16's random init")
     parser.add_argument(
+        "--accept-prompt-ties",
+        action="store_true",
+        help="L2P, batch-wise: train even where a check batch's chosen prompts differ only among prompts with equal "
+        "votes (tie-breaking; recorded in report.json)",
+    )
+    parser.add_argument(
+        "--config-backbone",
+        "--l2p-config-backbone",
+        dest="config_backbone",
+        action="store_true",
+        help="L2P / CODA-Prompt: keep the cil config's backbone (e.g. the offline DINOv2 ViT-S/14 at 112 px) on both "
+        "sides, PILOT's vit_l2p / vit_coda_promtpt rebuilt in its shape and given its weights, instead of the seeded "
+        "ViT-B/16 (--l2p-config-backbone: the earlier name)",
+    )
+    parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="cil method init_args (YAML value)"
     )
     options = parser.parse_args(argv)
@@ -714,7 +1556,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         key, _, value = item.partition("=")
         init_args[key] = yaml.safe_load(value)
     state: dict[str, torch.Tensor] = {}
-    if spec.seeded_vit:
+    if options.config_backbone and options.method not in CONFIG_BACKBONE_METHODS:
+        raise ValueError(f"--config-backbone is for --method {' / '.join(CONFIG_BACKBONE_METHODS)}")
+    if options.config_backbone:
+        data["eval_batch_size"] = int(data["batch_size"])  # PILOT's L2P / CODA-Prompt test loader
+    elif spec.seeded_vit:
         weights = _seeded_vit_b16(
             out.parent / f"vit_b16_{options.img_size}px_seed{options.backbone_seed}.pth",
             options.backbone_seed,
@@ -732,6 +1578,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     stream = cil.build_stream(config["stream"], seed=options.seed)
     backbone = cil.Backbone(**config["backbone"])
+    architecture: dict[str, Any] | None = None
+    img_size = options.img_size
+    if options.config_backbone:
+        state = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
+        architecture, img_size = _vit_architecture(backbone.model), backbone.input_size
     # never injected (APER injects into its own copy, method.adapted; MOS into the backbone it is given)
     plain_backbone = cil.Backbone(**config["backbone"]) if options.method == "mos" else backbone
     method = _build_method(config, backbone)
@@ -758,6 +1609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args["batch_size"] = options.batch_size
     if options.lr is not None:
         args["init_lr"] = options.lr
+    if options.method == "l2p":  # one switch for both sides: the json's true, or cil's per-image default
+        args["batchwise_prompt"] = bool(init_args.get("batchwise_selection", False))
     if spec.pilot_backbone == "vpt" and args["vpt_type"] not in options.method:
         raise ValueError(f"{spec.pilot_json} sets vpt_type {args['vpt_type']!r}, not what {options.method} adapts")
     get_idata = _make_idata(pilot, train, test, engine.train_transform, engine.eval_transform)
@@ -793,7 +1646,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _patched(pilot["utils.factory"], "get_model", get_model),
     ]
     if spec.seeded_vit:
-        patches += _pilot_vit_patches(spec.pilot_backbone, pilot["utils.inc_net"], state, options.img_size)
+        patches += _pilot_vit_patches(spec.pilot_backbone, pilot["utils.inc_net"], state, img_size, architecture)
     else:
         patches.append(_patched(pilot["utils.inc_net"], "get_backbone", _make_get_backbone(backbone)))
     with contextlib.ExitStack() as stack:
@@ -807,9 +1660,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         inputs = _check_inputs(dm, stream, engine.eval_transform, train, test)
         tensors = inputs.pop("tensors")
         eval_batch = int(data.get("eval_batch_size", 64))
+        l2p_learner: Any = None
         if options.method == "mos":
             network = pilot["utils.inc_net"].MOSNet({**check_args, "nb_classes": dm.nb_classes}, True)
             backbone_check = _check_vit_mos_backbone(plain_backbone, backbone, network.backbone, tensors, eval_batch)
+        elif options.method == "l2p":
+            l2p_learner = original_get_model("l2p", {**check_args, "nb_classes": dm.nb_classes})
+            network = l2p_learner._network
+            backbone_check = _check_l2p_backbone(backbone, method, network, tensors, eval_batch)
+            backbone_check["l2p"] = _l2p_checks(
+                method,
+                l2p_learner,
+                dm,
+                stream,
+                int(data["batch_size"]),
+                options.seed,
+                bool(args["batchwise_prompt"]),
+                options.accept_prompt_ties,
+            )
+        elif options.method == "coda_prompt":
+            coda_args = {**check_args, "nb_classes": dm.nb_classes, "nb_tasks": dm.nb_tasks}  # what trainer adds
+            coda_learner = original_get_model("coda_prompt", coda_args)
+            network = coda_learner._network
+            backbone_check = _check_coda_backbone(backbone, network, tensors, eval_batch)
+            backbone_check["coda"] = _coda_checks(
+                method, coda_learner, dm, stream, int(data["batch_size"]), options.seed, coda_args
+            )
+            del coda_learner
         elif spec.aper:
             network = pilot["utils.inc_net"].SimpleVitNet(check_args, True)  # what its Learner builds and tunes
             adapted = cast(cil.Backbone, method.adapted)
@@ -846,6 +1723,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 features_ok &= (
                     bb["transplanted"]["theirs"] == bb["transplanted"]["ours"] == bb["transplanted"]["copied"]
                 )
+        if "l2p" in bb:
+            features_ok &= bb["l2p"]["passed"]
+        if "coda" in bb:
+            features_ok &= bb["coda"]["passed"]
         if "ptm_branch" in bb:
             ptm_check = bb["ptm_branch"]
             features_ok &= ptm_check["state_dict_equal"] and ptm_check["bit_identical_rows"] == ptm_check["images"]
@@ -867,6 +1748,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             : sum(len(_underlying(t.test)[1]) for t in stream)
         ]  # sorted keys: every ('test', i) first
         del network, tensors, dm, plain_backbone
+        l2p_learner = None
 
         # PILOT's own driver
         started, cpu = time.perf_counter(), _cpu_seconds()
