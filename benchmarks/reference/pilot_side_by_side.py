@@ -381,6 +381,14 @@ def _load_seeded(model: nn.Module, state: dict[str, torch.Tensor], own: tuple[st
     return model
 
 
+def _vit_b16_kwargs(variant: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a PILOT ViT factory passes on, without timm 1.x's registry arguments; refuses any
+    variant but ViT-B/16 (the only weights the harness provides)."""
+    if variant != VIT_B16:
+        raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {variant!r}")
+    return {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+
+
 def _pilot_vit_patches(
     pilot_backbone: str,
     inc_net: Any,
@@ -415,10 +423,7 @@ def _pilot_vit_patches(
         module = importlib.import_module("backbone.vit_ssf")
 
         def create(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-            if variant != VIT_B16:
-                raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {variant!r}")
-            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm 1.x registry arguments
-                kwargs.pop(key, None)
+            kwargs = _vit_b16_kwargs(variant, kwargs)
             return _load_seeded(module.VisionTransformer(img_size=img_size, **kwargs), state, ("ssf_",))
 
         return [*patches, _patched(module, "_create_vision_transformer", create)]
@@ -426,10 +431,7 @@ def _pilot_vit_patches(
         module = importlib.import_module("backbone.vit_l2p")
 
         def create_l2p(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-            if variant != VIT_B16:
-                raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {variant!r}")
-            for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm 1.x registry arguments
-                kwargs.pop(key, None)
+            kwargs = _vit_b16_kwargs(variant, kwargs)
             kwargs.update(architecture or {})  # --l2p-config-backbone: the shape of cil's ViT instead of ViT-B/16
             model = module.VisionTransformer(img_size=img_size, **kwargs)
             if not pretrained:
@@ -1040,10 +1042,7 @@ def _coda_patches(
     weights = fold_layer_scale(state)
 
     def create_coda(variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if variant != VIT_B16:
-            raise ValueError(f"the harness provides weights for {VIT_B16!r} only, PILOT asked for {variant!r}")
-        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm 1.x registry arguments
-            kwargs.pop(key, None)
+        kwargs = _vit_b16_kwargs(variant, kwargs)
         kwargs.update(shape)
         model = module.VisionTransformer(img_size=img_size, **kwargs)
         if not pretrained:
