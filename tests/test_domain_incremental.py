@@ -93,8 +93,9 @@ def test_methods_without_domain_support_are_refused_before_anything_is_written(
     name: str, stream: Stream, tmp_path: Path
 ) -> None:
     out = tmp_path / "run"
+    # depth 5: DualPrompt and CODA-Prompt prompt blocks up to 4 by default
     with pytest.raises(ValueError, match=r"not defined for domain-incremental streams such as 'digits_domains'") as e:
-        Engine(create_method(name, tiny_backbone()), stream, out, data=TINY_DATA)
+        Engine(create_method(name, tiny_backbone(depth=5)), stream, out, data=TINY_DATA)
     message = str(e.value)
     assert "\n" not in message
     able = message.split("use one that is (")[1].split(")")[0].split(", ")
