@@ -903,6 +903,29 @@ def _check_l2p_eval(
     }
 
 
+def _step_batches(
+    dm: Any, stream: cil.Stream, batch: int, seed: int
+) -> Iterator[tuple[Task, int, torch.Tensor, torch.Tensor]]:
+    """``(task, known, x, y)`` for the first two tasks: ``batch`` of the task's training images drawn with ``seed``
+    through PILOT's data manager with the evaluation transform, so both sides step on the same tensors."""
+    generator = torch.Generator().manual_seed(seed)
+    known = 0
+    for task in stream.tasks[:2]:
+        data = dm.get_dataset(np.arange(known, known + task.num_classes), source="train", mode="test")
+        pick = torch.randperm(len(data), generator=generator)[:batch].tolist()
+        x = torch.stack([data[i][1] for i in pick])  # [batch, 3, H, W]
+        y = torch.as_tensor([int(data[i][2]) for i in pick])  # [batch]
+        yield task, known, x, y
+        known += task.num_classes
+
+
+def _first_task_test(dm: Any, stream: cil.Stream) -> tuple[int, torch.Tensor]:
+    """The first task's class count and all its test images, as PILOT's data manager serves them."""
+    first = stream.tasks[0].num_classes
+    test = dm.get_dataset(np.arange(0, first), source="test", mode="test")
+    return first, torch.stack([test[i][1] for i in range(len(test))])
+
+
 def _l2p_checks(
     method: cil.CILMethod,
     learner: Any,
@@ -917,20 +940,11 @@ def _l2p_checks(
     each on a batch of ``batch`` training images drawn with ``seed`` (evaluation transform, so the same tensors on
     both sides); evaluation over the first task's test images; and, for batch-wise selection, that the two sides'
     evaluation batches hold the same images."""
-    generator = torch.Generator().manual_seed(seed)
-    steps = []
-    known = 0
-    for task in stream.tasks[:2]:
-        total = known + task.num_classes
-        data = dm.get_dataset(np.arange(known, total), source="train", mode="test")
-        pick = torch.randperm(len(data), generator=generator)[:batch].tolist()
-        x = torch.stack([data[i][1] for i in pick])
-        y = torch.as_tensor([int(data[i][2]) for i in pick])
-        steps.append(_check_l2p_step(method, learner, x, y, known, total))
-        known = total
-    first = stream.tasks[0].num_classes
-    test = dm.get_dataset(np.arange(0, first), source="test", mode="test")
-    inputs = torch.stack([test[i][1] for i in range(len(test))])
+    steps = [
+        _check_l2p_step(method, learner, x, y, known, known + task.num_classes)
+        for task, known, x, y in _step_batches(dm, stream, batch, seed)
+    ]
+    first, inputs = _first_task_test(dm, stream)
     evaluation = _check_l2p_eval(method, learner._network, inputs, batch, first)
     ours_batches = _eval_batches_cil(stream, batch)
     theirs_batches = _eval_batches_pilot(dm._test_targets, stream, batch)
@@ -1387,22 +1401,12 @@ def _coda_checks(
     in the first task and in the second (PILOT's task-1 learner after its step, then its seeded allocation of the
     second slice, checked against ``cil``'s, old classes masked, old components detached), each on ``batch``
     training images drawn with ``seed`` (evaluation transform); evaluation over the first task's test images."""
-    generator = torch.Generator().manual_seed(seed)
     steps = []
-    known = 0
     current = learner
-    for task in stream.tasks[:2]:
-        total = known + task.num_classes
-        data = dm.get_dataset(np.arange(known, total), source="train", mode="test")
-        pick = torch.randperm(len(data), generator=generator)[:batch].tolist()
-        x = torch.stack([data[i][1] for i in pick])
-        y = torch.as_tensor([int(data[i][2]) for i in pick])
+    for task, known, x, y in _step_batches(dm, stream, batch, seed):
         step, current = _check_coda_step(method, current, x, y, task, known, seed)
         steps.append(step)
-        known = total
-    first = stream.tasks[0].num_classes
-    test = dm.get_dataset(np.arange(0, first), source="test", mode="test")
-    inputs = torch.stack([test[i][1] for i in range(len(test))])
+    first, inputs = _first_task_test(dm, stream)
     evaluation = _check_coda_eval(method, learner._network, inputs, batch, first)
     schedule = _coda_schedule(method, learner, int(pilot_args["tuned_epoch"]))
     hyper = _coda_hyperparameters(pilot_args, method, int(cast(Any, method).epochs))
