@@ -60,6 +60,7 @@ Departures from the authors' code, each deliberate:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ from torch.utils.data import Subset
 
 from cil._distributed import sum_counts_over_ranks
 from cil.backbones import Backbone
+from cil.gaussians import ClassGaussians, align_classifier
 from cil.heads import HEAD_INITS, IncrementalLinear, PrototypeHead
 from cil.layers import FlatPEFT, freeze_except_peft, inject, vit_blocks
 from cil.method import CILMethod, FeatureFn, register_method
@@ -137,8 +139,6 @@ class MOS(CILMethod):
         head_init: str = "trunc_normal",
     ) -> None:
         super().__init__(backbone)
-        if covariance not in ("full", "diagonal"):
-            raise ValueError(f"covariance must be 'full' or 'diagonal', got {covariance!r}")
         if prototype_adapter not in ("first", "none"):
             raise ValueError(f"prototype_adapter must be 'first' or 'none', got {prototype_adapter!r}")
         if max_refine < 1:
@@ -168,13 +168,9 @@ class MOS(CILMethod):
         self.prototypes = PrototypeHead(dim)  # cosine to class means under the prototype adapter
         self.adapter_bank: torch.Tensor  # [T, P] every finished task's adapter, flattened
         self.class_task: torch.Tensor  # [C] the task that introduced each class
-        self.class_means: torch.Tensor  # [C, D]
-        self.class_covs: torch.Tensor  # [C, D, D] or [C, D] (diagonal)
         self.register_buffer("adapter_bank", torch.zeros(0, width))
         self.register_buffer("class_task", torch.zeros(0, dtype=torch.long))
-        self.register_buffer("class_means", torch.zeros(0, dim))
-        cov_shape = (0, dim, dim) if covariance == "full" else (0, dim)
-        self.register_buffer("class_covs", torch.zeros(cov_shape))
+        self.gaussians = ClassGaussians(dim, covariance, ridge=1e-4)  # every seen class's features: mean, covariance
         self._embed_adapter: torch.Tensor | None = None  # flattened adapter `embed` uses; None: the running one
         self._pull: _PullSchedule | None = None  # set while class statistics are computed under pulled adapters
         self._retrieval_counts = torch.zeros(3, dtype=torch.long)  # retrieved right, first guess right, images
@@ -190,10 +186,7 @@ class MOS(CILMethod):
     def expand_heads(self, num_new: int) -> None:
         super().expand_heads(num_new)
         self.prototypes.expand(num_new)
-        self.class_means = torch.cat(
-            [self.class_means, self.class_means.new_zeros(num_new, *self.class_means.shape[1:])]
-        )
-        self.class_covs = torch.cat([self.class_covs, self.class_covs.new_zeros(num_new, *self.class_covs.shape[1:])])
+        self.gaussians.expand(num_new)
 
     def trainer_overrides(self, task: Task) -> dict[str, Any]:
         return {"max_epochs": self.epochs}
@@ -227,7 +220,7 @@ class MOS(CILMethod):
         """The authors' auxiliary term: every row of ``M = [old class means; z]`` must be most similar to itself.
         In float32 even under bf16 autocast: unnormalised similarities reach the thousands."""
         with torch.autocast(device_type=z.device.type, enabled=False):
-            M = torch.cat([self.class_means[:known].to(z.device), z.float()])  # [C_old + B, D]; means: no gradient
+            M = torch.cat([self.gaussians.means[:known].to(z.device), z.float()])  # [C_old + B, D]; means: no gradient
             similarity = M @ M.T / self.orth_temperature  # [C_old + B, C_old + B]
             return F.cross_entropy(similarity, torch.arange(len(M), device=z.device))
 
@@ -251,7 +244,7 @@ class MOS(CILMethod):
             embeddings, labels = self._pulled_embeddings(task, features)
         else:
             embeddings, labels = features(task.train)  # [N, D] under this task's adapter
-        self._store_gaussians(embeddings, labels, list(task.classes))
+        self.gaussians.fit(embeddings, labels, list(task.classes))
         if self.align and task.index > 0:
             self._align_classifier()
         if self.prototype_adapter == "first" and task.index == 0:
@@ -286,56 +279,25 @@ class MOS(CILMethod):
         self.adapter.lerp_(final, 1.0)
         return torch.cat([z for z, _ in parts]), torch.cat([y for _, y in parts])
 
-    @torch.no_grad()
-    def _store_gaussians(self, embeddings: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> None:
-        dim = embeddings.shape[1]
-        for c in classes:
-            members = embeddings[labels == c].double()  # [n_c, D]
-            if len(members) < 2:
-                raise ValueError(f"class {c} has {len(members)} training image(s); MOS needs 2 for a covariance")
-            self.class_means[c] = members.mean(0).to(self.class_means)
-            cov = torch.cov(members.T) + 1e-4 * torch.eye(dim, dtype=members.dtype)  # [D, D]
-            self.class_covs[c] = (cov if self.covariance == "full" else cov.diagonal()).to(self.class_covs)
-
     def _align_classifier(self) -> None:
         """Re-trains the head on features sampled from every seen class's Gaussian (no exemplars), on the trainer's
         device (Lightning moves the module back to the CPU after each fit / predict)."""
         home = self.head.weight.device
         trainer = self._trainer
-        device = trainer.strategy.root_device if trainer is not None else home
-        self.head.to(device)
+        self.head.to(trainer.strategy.root_device if trainer is not None else home)
         try:
-            self._align_on(device)
+            loss = align_classifier(
+                self.head,
+                self.gaussians,
+                epochs=self.align_epochs,
+                lr=self.align_lr,
+                samples_per_class=self.align_samples_per_class,
+                batch_size=self.align_samples_per_class,
+                weight_decay=self.weight_decay,
+            )
         finally:
             self.head.to(home)
-
-    def _align_on(self, device: torch.device) -> None:
-        num_classes, per_class = len(self.seen_classes), self.align_samples_per_class
-        means = self.class_means.to(device=device, dtype=torch.float64)  # [C, D]
-        covs = self.class_covs.to(device=device, dtype=torch.float64)
-        scale = torch.linalg.cholesky(covs) if self.covariance == "full" else covs.sqrt()  # [C, D, D] or [C, D]
-        targets = torch.arange(num_classes, device=device).repeat_interleave(per_class)  # [C * n]
-        optimizer = torch.optim.SGD(
-            self.head.parameters(), lr=self.align_lr, momentum=0.9, weight_decay=self.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.align_epochs))
-        loss = torch.tensor(float("nan"))
-        with torch.enable_grad():
-            for _ in range(self.align_epochs):
-                noise = torch.randn(num_classes, per_class, means.shape[1], device=device, dtype=torch.float64)
-                if self.covariance == "full":
-                    samples = means[:, None] + torch.einsum("cde,cne->cnd", scale, noise)  # [C, n, D]
-                else:
-                    samples = means[:, None] + scale[:, None] * noise
-                samples = samples.reshape(-1, means.shape[1]).float()
-                order = torch.randperm(len(samples), device=device)
-                for index in order.split(per_class):
-                    loss = F.cross_entropy(self.head(samples[index]), targets[index])
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                scheduler.step()
-        self.task_info["align_final_loss"] = round(loss.detach().item(), 4)
+        self.task_info["align_final_loss"] = round(loss, 4)
 
     def _prototype_vector(self) -> torch.Tensor:
         if self.prototype_adapter == "first":
@@ -415,6 +377,13 @@ class MOS(CILMethod):
         if self.retrieval:  # without retrieval every image uses the newest adapter: nothing was retrieved
             self.task_info["retrieval_acc"] = round(100.0 * right / total, 4)
         self.task_info["first_guess_task_acc"] = round(100.0 * first_right / total, 4)
+
+    def load_cil_state(self, state: dict[str, Any], tasks: Sequence[Task]) -> None:
+        """Also reads checkpoints written before the class Gaussians moved into :class:`cil.gaussians.ClassGaussians`
+        (``class_means`` / ``class_covs`` then)."""
+        renamed = {"class_means": "gaussians.means", "class_covs": "gaussians.covs"}
+        weights = {renamed.get(k, k): v for k, v in state["weights"].items()}
+        super().load_cil_state({**state, "weights": weights}, tasks)
 
     def distributed_blocker(self) -> str | None:
         if self.statistics_adapter == "pulled":

@@ -51,20 +51,40 @@ def test_merge_pulls_the_running_adapter_toward_the_mean_of_earlier_ones() -> No
 def test_gaussians_and_alignment_recover_separated_classes() -> None:
     method = _mos(align_epochs=20, align_samples_per_class=64)
     _grow(method, 2, 2)
-    dim = method.class_means.shape[1]
+    dim = method.gaussians.means.shape[1]
     generator = torch.Generator().manual_seed(0)
     centres = 4.0 * torch.randn(4, dim, generator=generator)  # [4, D]
     labels = torch.arange(4).repeat_interleave(50)  # [200]
     features = centres[labels] + 0.5 * torch.randn(200, dim, generator=generator)
-    method._store_gaussians(features, labels, [0, 1, 2, 3])
-    torch.testing.assert_close(method.class_means, features.view(4, 50, dim).mean(1))
+    method.gaussians.fit(features, labels, [0, 1, 2, 3])
+    torch.testing.assert_close(method.gaussians.means, features.view(4, 50, dim).mean(1))
     expected = torch.cov(features[:50].T.double()).float() + 1e-4 * torch.eye(dim)
-    torch.testing.assert_close(method.class_covs[0], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(method.gaussians.covs[0], expected, atol=1e-5, rtol=1e-4)
     method._align_classifier()
     fresh = centres[labels] + 0.5 * torch.randn(200, dim, generator=generator)
     accuracy = (method.head(fresh).argmax(1) == labels).float().mean()
     assert accuracy > 0.95
     assert method.task_info["align_final_loss"] < 0.5
+
+
+def test_checkpoints_from_before_the_shared_gaussians_still_load() -> None:
+    """Runs saved when MOS kept its own ``class_means`` / ``class_covs`` buffers resume into ``gaussians``."""
+    method = _mos()
+    tasks = [
+        Task(index=i, name=f"t{i}", classes=(2 * i, 2 * i + 1), class_names=("a", "b"), train=[], test=[])  # type: ignore[arg-type]
+        for i in range(2)
+    ]
+    for task in tasks:
+        method.grow(task)
+    method.gaussians.means.normal_()
+    method.gaussians.covs.normal_()
+    state = method.cil_state()
+    old_names = {"gaussians.means": "class_means", "gaussians.covs": "class_covs"}
+    state["weights"] = {old_names.get(k, k): v for k, v in state["weights"].items()}
+    restored = _mos()
+    restored.load_cil_state(state, tasks)
+    torch.testing.assert_close(restored.gaussians.means, method.gaussians.means)
+    torch.testing.assert_close(restored.gaussians.covs, method.gaussians.covs)
 
 
 class _TaskHead(nn.Module):
@@ -214,7 +234,7 @@ def test_pulled_statistics_follow_the_authors_in_place_pulls() -> None:
             with torch.no_grad():
                 expected[c].append(method.adapter.run_with(used, batch))
     for c in (2, 3):
-        torch.testing.assert_close(method.class_means[c], torch.cat(expected[c]).mean(0), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(method.gaussians.means[c], torch.cat(expected[c]).mean(0), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(method.adapter.vector(), adapter)  # the next task starts from the pulled adapter
     torch.testing.assert_close(method.adapter_bank[1], start)  # task 1's stored adapter is the one before the pass
 
@@ -227,8 +247,8 @@ def test_task_statistics_use_the_task_adapter_and_leave_it_alone() -> None:
     torch.testing.assert_close(own.adapter.vector(), start)
     images = task.train.images[torch.tensor(task.train.targets) == 2]
     with torch.no_grad():
-        torch.testing.assert_close(own.class_means[2], own._embed_with(images, start).mean(0), atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(pulled.class_means[2:4], own.class_means[2:4], atol=1e-3)
+        torch.testing.assert_close(own.gaussians.means[2], own._embed_with(images, start).mean(0), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(pulled.gaussians.means[2:4], own.gaussians.means[2:4], atol=1e-3)
     assert not torch.allclose(pulled.adapter.vector(), start, atol=1e-3)
 
 
@@ -245,7 +265,7 @@ def test_the_first_task_is_never_pulled() -> None:
     method.after_task(task, _features_in_batches_of(method, 2))
     torch.testing.assert_close(method.adapter.vector(), start)
     with torch.no_grad():
-        torch.testing.assert_close(method.class_means[0], method._embed_with(images[0::2], start).mean(0))
+        torch.testing.assert_close(method.gaussians.means[0], method._embed_with(images[0::2], start).mean(0))
 
 
 def test_new_head_rows_start_as_timms_vit_head() -> None:
