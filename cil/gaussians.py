@@ -1,4 +1,4 @@
-"""Class Gaussians over embeddings, and classifier alignment on features sampled from them.
+"""Class Gaussians over embeddings: classifier alignment on features sampled from them, Mahalanobis classification.
 
 One implementation of the per-class statistics that exemplar-free methods keep instead of images: MOS and SLCA
 re-train their heads on features drawn from each seen class's Gaussian (classifier alignment), FeCAM classifies by
@@ -13,7 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ClassGaussians", "align_classifier", "class_statistics"]
+__all__ = [
+    "ClassGaussians",
+    "MahalanobisHead",
+    "align_classifier",
+    "class_statistics",
+    "correlation",
+    "shrink_covariance",
+]
 
 COVARIANCES = ("full", "diagonal")
 
@@ -120,3 +127,61 @@ def align_classifier(
                 optimizer.step()
             scheduler.step()
     return float(loss.detach())
+
+
+def shrink_covariance(
+    cov: torch.Tensor, diagonal: float, off_diagonal: float = 0.0, relative: bool = True
+) -> torch.Tensor:
+    """FeCAM's shrinkage of ``cov [D, D]``: ``cov + a1 * v I + a2 * o (1 - I)``, with ``v`` the mean variance and ``o``
+    the mean of the non-zero off-diagonal entries when ``relative`` (the authors' code), else ``v = o = 1`` (LAMDA-
+    PILOT's port adds ``a1 I``)."""
+    eye = torch.eye(len(cov), dtype=cov.dtype, device=cov.device)
+    if not relative:
+        return cov + diagonal * eye + off_diagonal * (1 - eye)
+    off = cov * (1 - eye)
+    nonzero = off != 0
+    off_mean = off.sum() / nonzero.sum().clamp(min=1)
+    return cov + diagonal * cov.diagonal().mean() * eye + off_diagonal * off_mean * (1 - eye)
+
+
+def correlation(cov: torch.Tensor) -> torch.Tensor:
+    """``cov / (s s^T)`` with ``s`` the standard deviations: the correlation matrix of ``cov [D, D]``."""
+    std = cov.diagonal().sqrt()
+    return cov / (std[:, None] * std[None, :])
+
+
+class MahalanobisHead(nn.Module):
+    """``logits[b, c] = -(z_b - mu_c)^T S_c (z_b - mu_c)``: the negative squared Mahalanobis distance to every class,
+    with ``S_c`` a stored precision matrix (FeCAM). ``means [C, D]``, ``precisions [C, D, D]`` are buffers, set by
+    :meth:`set_class`; the caller transforms ``z`` as the statistics were (normalisation, Tukey)."""
+
+    means: torch.Tensor
+    precisions: torch.Tensor
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.register_buffer("means", torch.zeros(0, in_features))
+        self.register_buffer("precisions", torch.zeros(0, in_features, in_features))
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    def expand(self, num_new: int) -> None:
+        self.means = torch.cat([self.means, self.means.new_zeros(num_new, self.in_features)])
+        self.precisions = torch.cat(
+            [self.precisions, self.precisions.new_zeros(num_new, self.in_features, self.in_features)]
+        )
+
+    @torch.no_grad()
+    def set_class(self, c: int, mean: torch.Tensor, covariance: torch.Tensor) -> None:
+        """Class ``c``'s mean ``[D]`` and the pseudo-inverse of ``covariance [D, D]`` (computed in float64, as the
+        authors' NumPy code; a shrunk covariance is invertible, and then the pseudo-inverse is the inverse)."""
+        self.means[c] = mean.to(self.means)
+        self.precisions[c] = torch.linalg.pinv(covariance.double()).to(self.precisions)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        diff = z.float()[:, None, :] - self.means.to(z.device)[None]  # [B, C, D]
+        left = torch.einsum("bcd,cde->bce", diff, self.precisions.to(z.device))  # [B, C, D]
+        return -(left * diff).sum(-1)  # [B, C]

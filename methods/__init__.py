@@ -5,11 +5,13 @@ from methods.coda_prompt import CODAPrompt
 from methods.codyra import CoDyRA
 from methods.dualprompt import DualPrompt
 from methods.er import ER
+from methods.fecam import FeCAM
 from methods.finetune import Finetune, Joint
 from methods.fpf import FPF, KFPF
 from methods.l2p import L2P
 from methods.lae import LAE, LAEAdapter, LAELoRA, LAEPrefix
 from methods.mos import MOS
+from methods.ranpac import RanPAC
 from methods.simplecil import SimpleCIL
 
 __all__ = [
@@ -28,10 +30,12 @@ __all__ = [
     "CODAPrompt",
     "CoDyRA",
     "DualPrompt",
+    "FeCAM",
     "Finetune",
     "Joint",
     "LAEAdapter",
     "LAELoRA",
     "LAEPrefix",
+    "RanPAC",
     "SimpleCIL",
 ]

@@ -34,28 +34,19 @@ after every epoch, the default).
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from cil.adaptation import FirstTaskAdaptation
 from cil.backbones import Backbone
-from cil.heads import CosineLinear, PrototypeHead
-from cil.layers import freeze_except_peft, inject
-from cil.method import CILMethod, FeatureFn, register_method
+from cil.heads import PrototypeHead
+from cil.method import FeatureFn, register_method
 from cil.task import Task
 
-_PEFT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "adapter": {"bottleneck": 64, "scale": 0.1, "dropout": 0.1},
-    "vpt_shallow": {"num_tokens": 5, "init": "zeros", "dropout": 0.0},
-    "vpt_deep": {"num_tokens": 5, "init": "zeros", "dropout": 0.0},
-    "ssf": {"init_std": 0.02, "patch_embed": True, "final_norm": True},
-    "finetune": {},
-}
 
-
-class APER(CILMethod):
+class APER(FirstTaskAdaptation):
     """Adapt on task 0 (``adapt`` in adapter / vpt_shallow / vpt_deep / ssf / finetune), prototypes throughout.
 
     Args:
@@ -69,7 +60,7 @@ class APER(CILMethod):
         lr_interval: Step the cosine schedule after every ``epoch`` (the authors') or every ``step``.
     """
 
-    supports_distributed = True
+    keeps_ptm = True
 
     def __init__(
         self,
@@ -82,56 +73,13 @@ class APER(CILMethod):
         peft_options: dict[str, Any] | None = None,
         lr_interval: str = "epoch",
     ) -> None:
-        super().__init__(backbone)
-        if lr_interval not in ("epoch", "step"):
-            raise ValueError(f"lr_interval must be 'epoch' (the authors') or 'step', got {lr_interval!r}")
-        self.lr_interval = lr_interval
-        if adapt not in _PEFT_DEFAULTS:
-            raise ValueError(f"adapt must be one of {sorted(_PEFT_DEFAULTS)}, got {adapt!r}")
-        self.adapt, self.epochs, self.lr, self.momentum, self.weight_decay = adapt, epochs, lr, momentum, weight_decay
-        self.backbone.requires_grad_(False)
-        self.adapted = copy.deepcopy(backbone)
-        if adapt != "finetune":
-            inject(self.adapted, adapt, **{**_PEFT_DEFAULTS[adapt], **(peft_options or {})})
-            freeze_except_peft(self.adapted)
-        else:
-            self.adapted.requires_grad_(True)
-        self.train_head: CosineLinear | None = None
+        if adapt == "none":
+            raise ValueError("APER without adaptation is SimpleCIL on duplicated features: use method simplecil")
+        super().__init__(backbone, adapt, epochs, lr, momentum, weight_decay, peft_options, lr_interval)
         self.head: PrototypeHead = PrototypeHead(2 * backbone.num_features)
-        self.adaptation_done: torch.Tensor
-        self.register_buffer("adaptation_done", torch.tensor(False))
-
-    @property
-    def embedding_frozen(self) -> bool:
-        return bool(self.adaptation_done)
-
-    def needs_fit(self, task: Task) -> bool:
-        return task.index == 0
-
-    def trainer_overrides(self, task: Task) -> dict[str, Any]:
-        return {"max_epochs": self.epochs}
-
-    def before_task(self, task: Task) -> None:
-        if task.index == 0:
-            self.train_head = CosineLinear(self.backbone.num_features, task.num_classes).to(self.device)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        assert self.train_head is not None
-        x, y = batch
-        logits = self.train_head(self.adapted(x))  # [B, C_task0]; labels of task 0 are 0..C-1
-        loss = F.cross_entropy(logits, y)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
-        self.log("train/acc", (logits.argmax(1) == y).float().mean() * 100, on_epoch=True, batch_size=len(y))
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        return self.optimizer_with_cosine("sgd", self.lr, self.momentum, self.weight_decay, interval=self.lr_interval)
 
     def after_task(self, task: Task, features: FeatureFn) -> None:
-        if task.index == 0:
-            self.adapted.requires_grad_(False)
-            self.train_head = None  # only needed to adapt; prototypes classify from here on
-            self.adaptation_done.fill_(True)
+        super().after_task(task, features)
         embeddings, labels = features(task.train)  # [N, 2D]
         if task.index == 0:  # how far adaptation moved the embedding away from the PTM's (0 = not at all)
             ptm, adapted = embeddings.chunk(2, dim=-1)  # [N, D] each

@@ -32,7 +32,10 @@ def _layers(config: Path) -> list[str]:
 TINY = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
 TINY_CLIP = str(ROOT / "tests" / "data" / "tiny_clip_overrides.yaml")
 TINY_DOMAINS = str(ROOT / "tests" / "data" / "tiny_domain_overrides.yaml")
-TINY_BY_METHOD = {"methods.CODAPrompt": str(ROOT / "tests" / "data" / "tiny_coda_overrides.yaml")}
+TINY_BY_METHOD = {
+    "methods.CODAPrompt": str(ROOT / "tests" / "data" / "tiny_coda_overrides.yaml"),
+    "methods.RanPAC": str(ROOT / "tests" / "data" / "tiny_ranpac_overrides.yaml"),
+}
 DOMAIN_STREAMS = ("digits_domains",)
 
 

@@ -27,6 +27,8 @@ CODYRA = "CoDyRA@c1691e4"
 ZSCL = "Thunderbeee/ZSCL@b96e714"
 JAX_L2P = "google-research/l2p@dd8836e"
 CODA = "GT-RIPL/CODA-Prompt@6417d4f"
+RANPAC = "RanPAC/RanPAC@012927f"
+FECAM = "dipamgoswami/FeCAM@d2479b7"
 
 Row = tuple[str, str, Any, str]
 
@@ -203,8 +205,51 @@ def _coda(dataset: str, config: str, script: str, epochs: int, increment: int) -
     ]
 
 
+def _ranpac(dataset: str, csv: str, adapt: str, backbone: str) -> list[Row]:
+    """The rows of a RanPAC preset: the "Algorithm 1" row (ID 7, line 9) of the authors' args/*_publish.csv."""
+    preset, row = f"ranpac_{dataset}.yaml", f"{RANPAC} args/{csv}:9"
+    return [
+        (preset, "method.init_args.adapt", adapt, row),
+        (preset, "method.init_args.epochs", 20, row),
+        (preset, "method.init_args.lr", 0.01, row),
+        (preset, "method.init_args.weight_decay", 0.0005, row),
+        (preset, "method.init_args.momentum", 0.9, RANPAC + " RanPAC.py:231"),
+        (preset, "method.init_args.projection_dim", 10000, row),
+        (preset, "data.batch_size", 48, row),
+        (preset, "data.eval_batch_size", 48, RANPAC + " RanPAC.py:170"),
+        (preset, "seed_everything", 1993, row),
+        (preset, "backbone.name", backbone, row),
+        (preset, "backbone.mean", [0.0, 0.0, 0.0], row + " (use_input_norm False)"),
+        (preset, "backbone.std", [1.0, 1.0, 1.0], row + " (use_input_norm False)"),
+    ]
+
+
+def _fecam(
+    dataset: str, script: str, shrink_lines: str, shrink: float, off_diagonal: float, increment: int
+) -> list[Row]:
+    """The rows of a FeCAM preset: the authors' script for a pre-trained ViT."""
+    preset, src = f"fecam_{dataset}.yaml", f"{FECAM} {script}:"
+    return [
+        (preset, "method.init_args.adapt", "none", src + " (no optimiser)"),
+        (preset, "method.init_args.features", "normalize", src + " F.normalize before np.cov"),
+        (preset, "method.init_args.shrink", shrink, src + shrink_lines),
+        (preset, "method.init_args.shrink_off_diagonal", off_diagonal, src + shrink_lines),
+        (preset, "method.init_args.shrink_relative", True, src + shrink_lines),
+        (preset, "method.init_args.covariance_normalization", "correlation", src + " normalize_cov"),
+        (preset, "backbone.name", "vit_base_patch16_224.augreg_in21k", src + " timm vit_base_patch16_224_in21k"),
+        (preset, "backbone.mean", [0.0, 0.0, 0.0], src + " (ToTensor, no Normalize)"),
+        (preset, "stream.increment", increment, src + " num_cls"),
+    ]
+
+
 # (preset file, dotted key, the authors' value, where it was read)
 AUTHORS: list[Row] = [
+    *_ranpac("cifar100_b0inc10", "cifar224_publish.csv", "adapter", "vit_base_patch16_224.augreg_in21k"),
+    ("ranpac_cifar100_b0inc10.yaml", "method.init_args.peft_options.bottleneck", 64, RANPAC + " inc_net.py:117"),
+    *_ranpac("imagenet_r_b0inc20", "imagenetr_publish.csv", "ssf", "vit_base_patch16_224.augreg_in21k_ft_in1k"),
+    *_fecam("cifar100_b0inc10", "FeCAM_vit_cifar100.py", "36-38", 1.0, 0.0, 10),
+    ("fecam_cifar100_b0inc10.yaml", "stream.seed", None, FECAM + " FeCAM_vit_cifar100.py:13 (np.arange(100))"),
+    *_fecam("imagenet_r_b0inc20", "FeCAM_vit_imagenet-r.py", "45-47", 10.0, 10.0, 20),
     *_l2p("cifar100_b0inc10", "l2p.json", 5, 16, 10),
     *_l2p("imagenet_r_b0inc20", "l2p_inr.json", 10, 32, 20),
     *_dualprompt("cifar100_b0inc10", "cifar100_dualprompt.py", 5, 0.0028125, 5, 10),
@@ -373,7 +418,9 @@ def test_every_preset_is_in_the_table() -> None:
 
 # A pinned repository (name@commit) and a file of it: exps/*.json, config(s)/*.yaml or the CoDyRA run script.
 _PINNED = re.compile(r"[\w/-]+@[0-9a-f]{7}\b")
-_SOURCE_FILE = re.compile(r"\b(exps|configs?)/[\w./-]+\.(json|yaml|py)\b|\brunner_codyra\.sh\b")
+_SOURCE_FILE = re.compile(
+    r"\b(exps|configs?)/[\w./-]+\.(json|yaml|py)\b|\brunner_codyra\.sh\b|\bargs/\w+_publish\.csv\b|\bFeCAM_vit_[\w-]+\.py\b"
+)
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)

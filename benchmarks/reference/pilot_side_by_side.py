@@ -183,8 +183,23 @@ METHODS = {
         "configs/experiments/coda_prompt_offline.yaml",
         "vit_coda_promtpt",  # sic: PILOT's name
     ),
+    "ranpac": MethodSpec("ranpac.json", "configs/experiments/ranpac_offline.yaml"),
+    "fecam": MethodSpec("fecam.json", "configs/experiments/fecam_offline.yaml"),
 }
-CONFIG_BACKBONE_METHODS = ("l2p", "coda_prompt")  # PILOT's ViT rebuilt in the shape of the cil config's
+CONFIG_BACKBONE_METHODS = ("l2p", "coda_prompt")
+# Methods compared on the frozen features of cil's own backbone (PILOT gets a copy, as for SimpleCIL), with PILOT's
+# first-session training off (tuned_epoch 0) and cil set to what PILOT's port computes (see the module docstring).
+FROZEN_PORTS: dict[str, dict[str, Any]] = {
+    "ranpac": {"adapt": "none", "readout": "cosine"},
+    "fecam": {
+        "adapt": "none",
+        "features": "normalize_at_distance",
+        "shrink": 100.0,
+        "shrink_relative": False,
+        "shrink_off_diagonal": 0.0,
+        "covariance_normalization": "row_correlation",
+    },
+}  # PILOT's ViT rebuilt in the shape of the cil config's
 VIT_B16 = "vit_base_patch16_224"  # the timm model PILOT's vit_mos / vit_adapter factories load their weights from
 
 
@@ -1448,6 +1463,95 @@ def _coda_checks(
     }
 
 
+# ---- RanPAC and FeCAM: PILOT's ports on frozen features -------------------------------------------------------
+def _frozen_port_patches(
+    method: str, ridge_calls: list[dict[str, Any]]
+) -> list[contextlib.AbstractContextManager[None]]:
+    """PILOT's first session is off (``tuned_epoch`` 0): its ``Learner._init_train`` is skipped, because with no
+    epoch its loop does not run and its closing ``logging.info(info)`` reads a name only the loop sets. RanPAC's
+    ``optimise_ridge_parameter`` is wrapped to record what it is given and what it returns (same return value)."""
+    module = importlib.import_module(f"models.{method}")
+    patches: list[contextlib.AbstractContextManager[None]] = [
+        _patched(module.Learner, "_init_train", lambda self, *args: None)
+    ]
+    if method == "ranpac":
+        choose = module.Learner.optimise_ridge_parameter
+
+        def recorded(self: Any, features: torch.Tensor, targets: torch.Tensor) -> Any:
+            ridge = choose(self, features, targets)
+            ridge_calls.append({"features": features.clone(), "targets": targets.clone(), "ridge": float(ridge)})
+            return ridge
+
+        patches.append(_patched(module.Learner, "optimise_ridge_parameter", recorded))
+    return patches
+
+
+def _ranpac_shared_draws(
+    method: cil.CILMethod, learner: Any, ridge_calls: list[dict[str, Any]]
+) -> list[contextlib.AbstractContextManager[None]]:
+    """The two random choices of RanPAC, made once: ``cil`` takes PILOT's projection ``W_rand`` (drawn with
+    ``torch.randn`` in its ``setup_RP``) and, task by task, the lambda PILOT chose (its split is the order of a
+    shuffled DataLoader, ours a seeded permutation). That PILOT's choice is what ``cil.ridge.select_ridge`` makes on
+    the same features is checked separately (:func:`_ranpac_comparison`)."""
+    head = cast(Any, method).head
+    ranpac_module = importlib.import_module("methods.ranpac")
+    lambdas = iter([call["ridge"] for call in ridge_calls])
+    theirs = learner.W_rand.detach().cpu()
+
+    def draw(generator: torch.Generator | None = None) -> None:
+        head.projection.copy_(theirs)
+
+    return [
+        _patched(head, "draw", draw),
+        _patched(ranpac_module, "select_ridge", lambda *args, **kwargs: next(lambdas)),
+    ]
+
+
+@torch.no_grad()
+def _ranpac_comparison(method: cil.CILMethod, learner: Any, ridge_calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per task, lambda as ``cil.ridge.select_ridge`` chooses it on PILOT's own features and order vs PILOT's choice;
+    after the stream, the readouts (their ``fc.weight`` rows of the seen classes vs ours) and ``G``."""
+    from cil.ridge import select_ridge
+    from methods.ranpac import RIDGES
+
+    head = cast(Any, method).head
+    lambdas = [
+        {"pilot": call["ridge"], "cil_on_pilot_features": select_ridge(call["features"], call["targets"], RIDGES)}
+        for call in ridge_calls
+    ]
+    theirs = learner._network.fc.weight.detach().cpu().double()[: head.num_classes]  # [C, M]
+    ours = head.readout.double()
+    return {
+        "lambdas": lambdas,
+        "lambdas_equal": all(row["pilot"] == row["cil_on_pilot_features"] for row in lambdas),
+        "readout": _gap(ours, theirs),
+        "gram": _gap(head.gram.double(), learner.G.double()),
+    }
+
+
+@torch.no_grad()
+def _fecam_comparison(method: cil.CILMethod, learner: Any, images: torch.Tensor, batch: int) -> dict[str, Any]:
+    """Class means (theirs: ``fc.weight`` rows, raw; ours normalised for the distance), inverse covariances (theirs:
+    ``pinv`` of ``cov_mats``, float32, at every evaluation; ours stored, from float64) and the distances of the test
+    ``images`` to every class after the stream (their ``_maha_dist`` vs minus our logits). PILOT's row correlation
+    matrix is singular along the all-ones direction, where the two pseudo-inverses differ by rounding; what the
+    distances make of that is the last entry."""
+    head = cast(Any, method).head
+    theirs_means = F.normalize(learner._network.fc.weight.detach().cpu().double()[: head.num_classes], dim=-1)
+    theirs_precisions = torch.stack([torch.linalg.pinv(c.double()) for c in learner.cov_mats])
+    with cast(Any, method).evaluating():
+        z = torch.cat([method.embed(x) for x in images.split(batch)])  # [N, D]
+        ours = -method.classify(z).double()  # [N, C]
+    theirs = torch.as_tensor(learner._maha_dist(z.numpy(), learner._network.fc.weight.data, learner.cov_mats)).T
+    return {
+        "means": _gap(head.means.double(), theirs_means),
+        "precisions": _gap(head.precisions.double(), theirs_precisions),
+        "distances": _gap(ours, theirs.double()),
+        "nearest_class_equal": int((ours.argmin(1) == theirs.argmin(1)).sum()),
+        "images": len(z),
+    }
+
+
 # ---- comparison ----------------------------------------------------------------------------------------------
 def _cil_predictions(
     calls: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]], stream: cil.Stream
@@ -1549,6 +1653,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         aper_args, aper_data = _aper_hyperparameters(json.loads((pilot_root / "exps" / spec.pilot_json).read_text()))
         init_args.update(aper_args)
         data.update(aper_data)
+    if options.method in FROZEN_PORTS:
+        if options.epochs:
+            raise ValueError(
+                f"{options.method} is compared on frozen features: leave --epochs out (APER's runs compare adaptation)"
+            )
+        init_args.update(FROZEN_PORTS[options.method])
     if options.epochs is not None:
         init_args["epochs"] = options.epochs
     if options.lr is not None:
@@ -1614,6 +1724,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args["init_lr"] = options.lr
     if options.method == "l2p":  # one switch for both sides: the json's true, or cil's per-image default
         args["batchwise_prompt"] = bool(init_args.get("batchwise_selection", False))
+    if options.method in FROZEN_PORTS:
+        args["tuned_epoch"] = 0
+    if options.method == "ranpac":
+        args["M"] = int(init_args.get("projection_dim", 10_000))
+    ridge_calls: list[dict[str, Any]] = []
     if spec.pilot_backbone == "vpt" and args["vpt_type"] not in options.method:
         raise ValueError(f"{spec.pilot_json} sets vpt_type {args['vpt_type']!r}, not what {options.method} adapts")
     get_idata = _make_idata(pilot, train, test, engine.train_transform, engine.eval_transform)
@@ -1648,6 +1763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _patched(pilot["utils.data_manager"], "_get_idata", get_idata),
         _patched(pilot["utils.factory"], "get_model", get_model),
     ]
+    if options.method in FROZEN_PORTS:
+        patches += _frozen_port_patches(options.method, ridge_calls)
     if spec.seeded_vit:
         patches += _pilot_vit_patches(spec.pilot_backbone, pilot["utils.inc_net"], state, img_size, architecture)
     else:
@@ -1762,7 +1879,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     started, cpu = time.perf_counter(), _cpu_seconds()
     if spec.aper:
         tuned_inits["cil"] = copy.deepcopy(cast(nn.Module, method.adapted))
-    with _recording_engine() as calls:
+    ours_patches = _ranpac_shared_draws(method, learners[0], ridge_calls) if options.method == "ranpac" else []
+    with _recording_engine() as calls, contextlib.ExitStack() as stack:
+        for patch in ours_patches:
+            stack.enter_context(patch)
         summary = engine.run()
     cil_wall, cil_cpu = time.perf_counter() - started, _cpu_seconds() - cpu
 
@@ -1824,6 +1944,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["tuned_branch"] = _tuned_movement(method, learners[0], tuned_inits, test_tensors, eval_batch)
     if options.method == "aper_adapter":
         report["adapter_up_abs_max"] = _adapter_movement(method, learners[0])
+    if options.method == "ranpac":
+        report["ranpac"] = _ranpac_comparison(method, learners[0], ridge_calls)
+    if options.method == "fecam":
+        report["fecam"] = _fecam_comparison(method, learners[0], test_tensors, eval_batch)
     _write(out, report)
     print(_markdown(report))
     return 0 if report["disagreements"] == 0 or options.method != "simplecil" else 1
