@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,3 +30,25 @@ def fresh_run(config: str, overrides: list[str], out: Path) -> tuple[dict[str, A
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - started
     return json.loads((out / "summary.json").read_text()), wall
+
+
+def method_table(rows: dict[str, tuple[str, list[str]]], names: list[str], out: Path, seed: int | None) -> str:
+    """One fresh run per row name (config, overrides), a markdown table of Ā / A_last / forgetting / trainable
+    params / train GFLOPs / wall / eval seconds; each row is also printed to stderr when it is done."""
+    lines = [
+        "| row | A-bar (%) | A_last (%) | forgetting | trainable params | train GFLOPs | wall (s) | eval (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        config, overrides = rows[name]
+        if seed is not None:
+            overrides = [*overrides, "--seed_everything", str(seed)]
+        summary, _ = fresh_run(config, overrides, out / name)
+        flops = summary.get("train_flops")
+        lines.append(
+            f"| {name} | {summary['avg_incremental_acc']:.2f} | {summary['last_acc']:.2f} "
+            f"| {summary['avg_forgetting']:.2f} | {summary['trainable_params']:,} "
+            f"| {'-' if flops is None else f'{flops / 1e9:,.0f}'} | {summary['wall_s']:.1f} | {summary['eval_s']:.1f} |"
+        )
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)

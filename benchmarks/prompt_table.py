@@ -18,10 +18,9 @@ its eval (s) with `l2p`'s.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from _runs import fresh_run  # benchmarks/ is on sys.path when a script in it runs
+from _runs import method_table  # benchmarks/ is on sys.path when a script in it runs
 
 OFFLINE = "configs/experiments/{}_offline.yaml"
 BATCHWISE = ["--method.init_args.batchwise_selection", "true"]
@@ -47,23 +46,7 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=[*ROWS, *EXTRA])
     parser.add_argument("--seed", type=int, help="seed_everything for every row (default: the configs', 1993)")
     options = parser.parse_args()
-    lines = [
-        "| row | A-bar (%) | A_last (%) | forgetting | trainable params | train GFLOPs | wall (s) | eval (s) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name in options.rows:
-        config, overrides = {**ROWS, **EXTRA}[name]
-        if options.seed is not None:
-            overrides = [*overrides, "--seed_everything", str(options.seed)]
-        summary, _ = fresh_run(config, overrides, Path(options.out) / name)
-        flops = summary.get("train_flops")
-        lines.append(
-            f"| {name} | {summary['avg_incremental_acc']:.2f} | {summary['last_acc']:.2f} "
-            f"| {summary['avg_forgetting']:.2f} | {summary['trainable_params']:,} "
-            f"| {'-' if flops is None else f'{flops / 1e9:,.0f}'} | {summary['wall_s']:.1f} | {summary['eval_s']:.1f} |"
-        )
-        print(lines[-1], file=sys.stderr, flush=True)
-    print("\n".join(lines))
+    print(method_table({**ROWS, **EXTRA}, options.rows, Path(options.out), options.seed))
 
 
 if __name__ == "__main__":

@@ -79,10 +79,15 @@ class ClassGaussians(nn.Module):
             self.means[c] = means[row].to(self.means)
             self.covs[c] = (covs[row] if self.covariance == "full" else covs[row].diagonal()).to(self.covs)
 
-    def sampler(self, device: torch.device | str) -> Callable[[int], torch.Tensor]:
-        """``draw(n) -> [C, n, D]`` float32: ``n`` features per class, ``mean + L eps`` with ``L`` the covariance's
-        Cholesky factor (computed once, in float64, on ``device``) and ``eps`` standard normal."""
+    def sampler(
+        self, device: torch.device | str, mean_scale: torch.Tensor | None = None
+    ) -> Callable[[int], torch.Tensor]:
+        """``draw(n) -> [C, n, D]`` float32: ``n`` features per class, ``s_c mean + L eps`` with ``L`` the
+        covariance's Cholesky factor (computed once, in float64, on ``device``), ``eps`` standard normal and ``s_c``
+        the class's ``mean_scale [C]`` (default 1; SLCA shrinks older classes' means)."""
         means = self.means.to(device=device, dtype=torch.float64)  # [C, D]
+        if mean_scale is not None:
+            means = means * mean_scale.to(device=device, dtype=torch.float64)[:, None]
         covs = self.covs.to(device=device, dtype=torch.float64)
         scale = torch.linalg.cholesky(covs) if self.covariance == "full" else covs.sqrt()  # [C, D, D] or [C, D]
 
@@ -105,12 +110,14 @@ def align_classifier(
     weight_decay: float,
     momentum: float = 0.9,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    mean_scale: torch.Tensor | None = None,
 ) -> float:
     """Re-trains ``head`` (embeddings -> logits over the Gaussians' classes) on features sampled from every class's
-    Gaussian, on the head's device: per epoch ``samples_per_class`` fresh draws per class, shuffled, in batches of
-    ``batch_size``; SGD with a cosine schedule over the epochs. Returns the last batch's loss."""
+    Gaussian, on the head's device: per epoch ``samples_per_class`` fresh draws per class (means scaled by
+    ``mean_scale [C]``, see :meth:`ClassGaussians.sampler`), shuffled, in batches of ``batch_size``; SGD with a
+    cosine schedule over the epochs; ``loss_fn(logits, targets)``. Returns the last batch's loss."""
     device = next(head.parameters()).device
-    draw = gaussians.sampler(device)
+    draw = gaussians.sampler(device, mean_scale)
     num_classes = gaussians.num_classes
     targets = torch.arange(num_classes, device=device).repeat_interleave(samples_per_class)  # [C * n]
     optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CosineLinear", "IncrementalLinear", "PrototypeHead"]
+__all__ = ["CosineLinear", "IncrementalLinear", "PrototypeHead", "TaskLinearHeads"]
 
 
 HEAD_INITS = ("default", "trunc_normal")
@@ -96,3 +96,40 @@ class CosineLinear(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.sigma * (F.normalize(z, dim=-1) @ F.normalize(self.weight, dim=-1).T)  # [B, C]
+
+
+class TaskLinearHeads(nn.Module):
+    """One linear layer per task (SLCA, LAMDA-PILOT's ``SimpleContinualLinear``), logits concatenated in task order
+    ``[B, C]``. :meth:`expand` freezes every earlier head (no gradient, so no weight decay or momentum either) and adds
+    a new one, truncated-normal (std 0.02) with zero bias as the authors'."""
+
+    def __init__(self, in_features: int) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.heads = nn.ModuleList()
+
+    def linears(self) -> list[nn.Linear]:
+        return [head for head in self.heads if isinstance(head, nn.Linear)]
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.sizes)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [head.out_features for head in self.linears()]
+
+    @property
+    def device(self) -> torch.device:
+        heads = self.linears()
+        return heads[0].weight.device if heads else torch.device("cpu")
+
+    def expand(self, num_new: int) -> None:
+        self.heads.requires_grad_(False)
+        head = nn.Linear(self.in_features, num_new)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        self.heads.append(head.to(self.device))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(z) for head in self.heads], dim=1)  # [B, C]

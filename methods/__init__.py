@@ -13,6 +13,7 @@ from methods.lae import LAE, LAEAdapter, LAELoRA, LAEPrefix
 from methods.mos import MOS
 from methods.ranpac import RanPAC
 from methods.simplecil import SimpleCIL
+from methods.slca import SLCA
 
 __all__ = [
     "APER",
@@ -23,6 +24,7 @@ __all__ = [
     "L2P",
     "LAE",
     "MOS",
+    "SLCA",
     "APERAdapter",
     "APERFinetune",
     "APERVPTDeep",

@@ -29,6 +29,7 @@ JAX_L2P = "google-research/l2p@dd8836e"
 CODA = "GT-RIPL/CODA-Prompt@6417d4f"
 RANPAC = "RanPAC/RanPAC@012927f"
 FECAM = "dipamgoswami/FeCAM@d2479b7"
+SLCA = "GengDavid/SLCA@169d4e6"
 
 Row = tuple[str, str, Any, str]
 
@@ -242,8 +243,32 @@ def _fecam(
     ]
 
 
+def _slca(dataset: str, json: str, epochs: int, milestone: int, mean: list[float], data_line: int) -> list[Row]:
+    """The rows of an SLCA preset: the json, and models/slca.py's module constants it does not override."""
+    preset, src, code = f"slca_{dataset}.yaml", f"{SLCA} exps/slca/{json}:", f"{SLCA} models/slca.py:"
+    return [
+        (preset, "method.init_args.epochs", epochs, src + "15"),
+        (preset, "method.init_args.milestones", [milestone], src + "18"),
+        (preset, "method.init_args.align_epochs", 5, src + "16"),
+        (preset, "method.init_args.logit_norm", 0.1, src + "17"),
+        (preset, "method.init_args.lr", 0.01, code + "18"),
+        (preset, "method.init_args.lr_decay", 0.1, code + "20"),
+        (preset, "data.batch_size", 128, code + "21"),
+        (preset, "method.init_args.weight_decay", 0.0005, code + "24"),
+        (preset, "method.init_args.backbone_lr_scale", 0.01, code + "48"),
+        (preset, "method.init_args.momentum", 0.9, code + "165"),
+        (preset, "method.init_args.align_samples_per_class", 256, code + "197"),
+        (preset, "method.init_args.final_norm", "reset", f"{SLCA} convs/vits.py:709-711"),
+        (preset, "backbone.name", "vit_base_patch16_224.augreg_in21k", f"{SLCA} utils/inc_net.py:25-26"),
+        (preset, "backbone.mean", mean, f"{SLCA} utils/data.py:{data_line}"),
+        (preset, "seed_everything", 1993, src + "14"),
+    ]
+
+
 # (preset file, dotted key, the authors' value, where it was read)
 AUTHORS: list[Row] = [
+    *_slca("cifar100_b0inc10", "slca_cifar.json", 20, 18, [0.5071, 0.4867, 0.4408], 45),
+    *_slca("imagenet_r_b0inc20", "slca_imgnetr.json", 50, 40, [0.485, 0.456, 0.406], 136),
     *_ranpac("cifar100_b0inc10", "cifar224_publish.csv", "adapter", "vit_base_patch16_224.augreg_in21k"),
     ("ranpac_cifar100_b0inc10.yaml", "method.init_args.peft_options.bottleneck", 64, RANPAC + " inc_net.py:117"),
     *_ranpac("imagenet_r_b0inc20", "imagenetr_publish.csv", "ssf", "vit_base_patch16_224.augreg_in21k_ft_in1k"),
