@@ -26,6 +26,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "mos": (OFFLINE.format("mos"), []),
     "ranpac": (OFFLINE.format("ranpac"), []),
     "fecam": (OFFLINE.format("fecam"), []),
+    "ease": (OFFLINE.format("ease"), []),
+    "slca": (OFFLINE.format("slca"), []),
 }
 EXTRA: dict[str, tuple[str, list[str]]] = {
     "ranpac_no_adaptation": (OFFLINE.format("ranpac"), ["--method.init_args.adapt", "none"]),

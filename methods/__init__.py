@@ -4,6 +4,7 @@ from methods.aper import APER, APERSSF, APERAdapter, APERFinetune, APERVPTDeep, 
 from methods.coda_prompt import CODAPrompt
 from methods.codyra import CoDyRA
 from methods.dualprompt import DualPrompt
+from methods.ease import EASE
 from methods.er import ER
 from methods.fecam import FeCAM
 from methods.finetune import Finetune, Joint
@@ -18,6 +19,7 @@ from methods.slca import SLCA
 __all__ = [
     "APER",
     "APERSSF",
+    "EASE",
     "ER",
     "FPF",
     "KFPF",

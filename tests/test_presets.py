@@ -30,6 +30,7 @@ CODA = "GT-RIPL/CODA-Prompt@6417d4f"
 RANPAC = "RanPAC/RanPAC@012927f"
 FECAM = "dipamgoswami/FeCAM@d2479b7"
 SLCA = "GengDavid/SLCA@169d4e6"
+EASE = "sun-hailong/CVPR24-Ease@6d67508"
 
 Row = tuple[str, str, Any, str]
 
@@ -265,8 +266,28 @@ def _slca(dataset: str, json: str, epochs: int, milestone: int, mean: list[float
     ]
 
 
+def _ease(dataset: str, json: str, lr: float, batch: int, wd: float, increment: int) -> list[Row]:
+    """The rows of an EASE preset (exps/ease_*.json, read by models/ease.py)."""
+    preset, src = f"ease_{dataset}.yaml", f"{EASE} exps/{json}:"
+    return [
+        (preset, "method.init_args.epochs", 20, src + "15,17"),
+        (preset, "method.init_args.lr", lr, src + "16,18"),
+        (preset, "data.batch_size", batch, src + "19"),
+        (preset, "method.init_args.weight_decay", wd, src + "20"),
+        (preset, "method.init_args.bottleneck", 64, src + "27"),
+        (preset, "method.init_args.alpha", 0.1, src + "30"),
+        (preset, "method.init_args.momentum", 0.9, f"{EASE} models/ease.py:276"),
+        (preset, "stream.increment", increment, src + "8-9"),
+        (preset, "seed_everything", 1993, src + "13"),
+        (preset, "backbone.name", "vit_base_patch16_224.augreg_in21k_ft_in1k", f"{EASE} backbone/vit_ease.py:416"),
+        (preset, "backbone.mean", [0.0, 0.0, 0.0], f"{EASE} utils/data.py build_transform (no Normalize)"),
+    ]
+
+
 # (preset file, dotted key, the authors' value, where it was read)
 AUTHORS: list[Row] = [
+    *_ease("cifar100_b0inc5", "ease_cifar.json", 0.025, 48, 0.0005, 5),
+    *_ease("imagenet_r_b0inc20", "ease_inr.json", 0.05, 16, 0.005, 20),
     *_slca("cifar100_b0inc10", "slca_cifar.json", 20, 18, [0.5071, 0.4867, 0.4408], 45),
     *_slca("imagenet_r_b0inc20", "slca_imgnetr.json", 50, 40, [0.485, 0.456, 0.406], 136),
     *_ranpac("cifar100_b0inc10", "cifar224_publish.csv", "adapter", "vit_base_patch16_224.augreg_in21k"),

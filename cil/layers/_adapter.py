@@ -46,6 +46,12 @@ class Adapter(PEFTModule):
         self.up = nn.Linear(bottleneck, dim)
         self.dropout = nn.Dropout(dropout)
         self.scale: float | nn.Parameter = nn.Parameter(torch.tensor(float(scale))) if learn_scale else scale
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """AdaptFormer's "lora" init: ``down`` Kaiming-uniform, ``up`` and both biases zero, so the adapter adds
+        exact zeros until it is trained (EASE starts every task's adapter from here)."""
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.down.bias)
         nn.init.zeros_(self.up.weight)
