@@ -12,6 +12,8 @@
     python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method coda_prompt --config-backbone \
         --train-per-class 32 --test-per-class 16 --epochs 3 --batch-size 16 --seed 1993 \
         --out runs/reference/coda_dino_seed1993
+    python benchmarks/reference/pilot_side_by_side.py --pilot /tmp/pilot --method ranpac --train-per-class 32 \
+        --test-per-class 16 --seed 1993 --out runs/reference/ranpac_seed1993
 
 PILOT (https://github.com/LAMDA-CL/LAMDA-PILOT) is imported from ``--pilot`` at run time; nothing of it is copied
 into this repository. Two of its functions are replaced, from here, for the duration of the run:
@@ -80,6 +82,15 @@ into this repository. Two of its functions are replaced, from here, for the dura
   itself is compared tensor by tensor from the same ``torch.manual_seed`` (their ``gram_schmidt`` vs
   ``cil.layers.gram_schmidt_rows``), and as a whole procedure (the two sides draw the tensors in different orders).
   Evaluation logits of task 1's test images must agree too.
+* RanPAC and FeCAM (``FROZEN_PORTS``): compared on frozen features. PILOT is handed a copy of ``cil``'s backbone (as
+  for SimpleCIL), its first session is off (``tuned_epoch`` 0, and its ``Learner._init_train`` is skipped: with no
+  epoch its closing ``logging.info(info)`` reads a name only the loop sets), and ``cil`` is set to what PILOT's port
+  computes (RanPAC ``adapt: none, readout: cosine``; FeCAM ``adapt: none``, statistics of raw features normalised at
+  the distance, ``S + 100 I``, ``torch.corrcoef`` of it); ``args["M"]`` is ``cil``'s ``projection_dim``. RanPAC's
+  ``optimise_ridge_parameter`` is wrapped to record its inputs and choice; ``cil`` then takes PILOT's ``W_rand`` and
+  its lambda per task, and ``cil.ridge.select_ridge`` must choose the same lambda on PILOT's recorded features. After
+  the stream: Gram matrix and readout (RanPAC), class means, precisions and the distances of every test image to
+  every class (FeCAM), in ``report.json``.
 
 Two further wrappers only observe: ``utils.factory.get_model`` hands the Learner it builds to the harness, whose
 ``_eval_cnn`` is wrapped to keep its predictions (same return value); on our side ``cil.engine.TaskAccuracy`` is
