@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -52,3 +53,16 @@ def method_table(rows: dict[str, tuple[str, list[str]]], names: list[str], out: 
         )
         print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
+
+
+def table_main(
+    doc: str, default_out: str, rows: dict[str, tuple[str, list[str]]], extra: dict[str, tuple[str, list[str]]]
+) -> None:
+    """The command line of a method-table script: ``--out``, ``--rows`` (default: ``rows``; ``extra`` on request),
+    ``--seed``; prints :func:`method_table`."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument("--rows", nargs="*", default=list(rows), choices=[*rows, *extra])
+    parser.add_argument("--seed", type=int, help="seed_everything for every row (default: the configs', 1993)")
+    options = parser.parse_args()
+    print(method_table({**rows, **extra}, options.rows, Path(options.out), options.seed))

@@ -14,10 +14,7 @@ Rows beyond the default set: `ranpac_no_adaptation` is RanPAC on the frozen PTM 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from _runs import method_table  # benchmarks/ is on sys.path when a script in it runs
+from _runs import table_main  # benchmarks/ is on sys.path when a script in it runs
 
 OFFLINE = "configs/experiments/{}_offline.yaml"
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -44,12 +41,7 @@ EXTRA: dict[str, tuple[str, list[str]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/analytic_bench")
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=[*ROWS, *EXTRA])
-    parser.add_argument("--seed", type=int, help="seed_everything for every row (default: the configs', 1993)")
-    options = parser.parse_args()
-    print(method_table({**ROWS, **EXTRA}, options.rows, Path(options.out), options.seed))
+    table_main(__doc__ or "", "runs/analytic_bench", ROWS, EXTRA)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,7 @@ its eval (s) with `l2p`'s.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from _runs import method_table  # benchmarks/ is on sys.path when a script in it runs
+from _runs import table_main  # benchmarks/ is on sys.path when a script in it runs
 
 OFFLINE = "configs/experiments/{}_offline.yaml"
 BATCHWISE = ["--method.init_args.batchwise_selection", "true"]
@@ -41,12 +38,7 @@ EXTRA: dict[str, tuple[str, list[str]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/prompt_bench")
-    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=[*ROWS, *EXTRA])
-    parser.add_argument("--seed", type=int, help="seed_everything for every row (default: the configs', 1993)")
-    options = parser.parse_args()
-    print(method_table({**ROWS, **EXTRA}, options.rows, Path(options.out), options.seed))
+    table_main(__doc__ or "", "runs/prompt_bench", ROWS, EXTRA)
 
 
 if __name__ == "__main__":

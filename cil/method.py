@@ -271,6 +271,12 @@ class CILMethod(L.LightningModule):
         same_task = owner[None, :] == owner[y][:, None]  # [B, C_seen]
         return logits.masked_fill(~same_task, torch.finfo(logits.dtype).min)
 
+    def compute_device(self, default: torch.device) -> torch.device:
+        """Where work outside the Trainer's batches (classifier alignment, a ridge solve) should run: the trainer's
+        device (Lightning moves the module back to the CPU after each fit / predict), or ``default`` outside one."""
+        trainer = self._trainer
+        return trainer.strategy.root_device if trainer is not None else default
+
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
         """Evaluation mode for the block, then every submodule's own mode back: Lightning keeps modules' modes

@@ -283,8 +283,7 @@ class MOS(CILMethod):
         """Re-trains the head on features sampled from every seen class's Gaussian (no exemplars), on the trainer's
         device (Lightning moves the module back to the CPU after each fit / predict)."""
         home = self.head.weight.device
-        trainer = self._trainer
-        self.head.to(trainer.strategy.root_device if trainer is not None else home)
+        self.head.to(self.compute_device(home))
         try:
             loss = align_classifier(
                 self.head,

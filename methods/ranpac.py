@@ -110,7 +110,7 @@ class RanPAC(FirstTaskAdaptation):
         if task.index == 0:
             self.head.draw()
         embeddings, labels = features(task.train)  # [N, D] under the adapted, frozen model
-        device = self._solve_device()
+        device = self.compute_device(self.head.gram.device)  # the GPU when there is one
         h = self.head.accumulate(embeddings.to(device), labels)  # [N, M]
         ridge = self.ridge
         if ridge is None:
@@ -121,11 +121,6 @@ class RanPAC(FirstTaskAdaptation):
         self.task_info["ridge"] = ridge
         if self.count_flops:
             self.extra_train_flops += self._solve_flops(len(h), embeddings.shape[1])
-
-    def _solve_device(self) -> torch.device:
-        """Where ``G`` is solved: the trainer's device (the GPU when there is one), else where the head is."""
-        trainer = self._trainer
-        return trainer.strategy.root_device if trainer is not None else self.head.gram.device
 
     def _solve_flops(self, images: int, dim: int) -> float:
         """Multiply-adds x 2 of the projection, the sums and the solves (LU: ``2/3 M^3``), which the engine's FLOP

@@ -147,8 +147,7 @@ class SLCA(CILMethod):
         """Classifier alignment of the copy, on the trainer's device (Lightning keeps the module on the CPU
         between fits)."""
         home = self.aligned.device
-        trainer = self._trainer
-        self.aligned.to(trainer.strategy.root_device if trainer is not None else home)
+        self.aligned.to(self.compute_device(home))
         self.aligned.requires_grad_(True)
         try:
             loss = align_classifier(

@@ -28,6 +28,18 @@ def tiny_backbone(**model_kwargs: Any) -> Backbone:
     return Backbone(**{**TINY_VIT, "model_kwargs": {**TINY_VIT["model_kwargs"], **model_kwargs}})
 
 
+def empty_tasks(*class_counts: int) -> list[Task]:
+    """Tasks of ``class_counts`` consecutive classes with no images: enough for ``grow`` / ``begin_task``, for tests
+    that hand a method its features directly."""
+    tasks, first = [], 0
+    for index, count in enumerate(class_counts):
+        classes = tuple(range(first, first + count))
+        names = tuple(map(str, classes))
+        tasks.append(Task(index=index, name=f"t{index}", classes=classes, class_names=names, train=[], test=[]))  # type: ignore[arg-type]
+        first += count
+    return tasks
+
+
 def tiny_stream(seed: int = 0, **options: Any) -> Stream:
     """scikit-learn's 8x8 digits, 5 tasks of 2 classes, 40 train / 15 test images per class."""
     spec = {"name": "sklearn_digits", "increment": 2, "train_per_class": 40, "test_per_class": 15, **options}

@@ -12,17 +12,7 @@ import torch.nn.functional as F
 from cil.layers import Adapter
 from cil.task import Task
 from methods.ease import EASE
-from tests.conftest import tiny_backbone
-
-
-def _tasks(*class_counts: int) -> list[Task]:
-    tasks, first = [], 0
-    for index, count in enumerate(class_counts):
-        classes = tuple(range(first, first + count))
-        names = tuple(map(str, classes))
-        tasks.append(Task(index=index, name=f"t{index}", classes=classes, class_names=names, train=[], test=[]))  # type: ignore[arg-type]
-        first += count
-    return tasks
+from tests.conftest import empty_tasks, tiny_backbone
 
 
 def _ease(**kwargs: Any) -> EASE:
@@ -36,7 +26,7 @@ def _adapters(method: EASE) -> list[Adapter]:
 
 def test_every_task_trains_a_fresh_adapter_and_the_finished_ones_stay_as_subspaces() -> None:
     method = _ease()
-    first, second = _tasks(2, 2)
+    first, second = empty_tasks(2, 2)
     method.begin_task(first)
     with torch.no_grad():
         for adapter in _adapters(method):
@@ -52,7 +42,7 @@ def test_every_task_trains_a_fresh_adapter_and_the_finished_ones_stay_as_subspac
 
 def test_the_feature_is_the_class_token_under_every_subspace_concatenated() -> None:
     method = _ease()
-    for task in _tasks(2, 2):
+    for task in empty_tasks(2, 2):
         method.grow(task)
     method.adapter_bank.normal_(0, 0.05)
     x = torch.randn(3, 3, 16, 16)
@@ -67,7 +57,7 @@ def test_the_feature_is_the_class_token_under_every_subspace_concatenated() -> N
 
 def test_new_prototypes_are_class_means_in_every_subspace_and_old_ones_are_completed() -> None:
     method = _ease()
-    tasks = _tasks(2, 3)
+    tasks = empty_tasks(2, 3)
     generator = torch.Generator().manual_seed(0)
     per_subspace = {j: torch.randn(10, 32, generator=generator) for j in range(2)}  # what each subspace "sees"
 
@@ -93,7 +83,7 @@ def test_new_prototypes_are_class_means_in_every_subspace_and_old_ones_are_compl
 
 def test_completion_over_three_tasks_takes_donors_from_every_task_from_the_newer_subspace_on() -> None:
     method = _ease()
-    for task in _tasks(1, 1, 1):
+    for task in empty_tasks(1, 1, 1):
         method.grow(task)
     method.prototypes.normal_()
     real = method.prototypes.clone()
@@ -109,7 +99,7 @@ def test_completion_over_three_tasks_takes_donors_from_every_task_from_the_newer
 
 def test_a_class_scores_its_own_subspace_fully_and_the_others_at_alpha_over_t() -> None:
     method = _ease(alpha=0.3)
-    for task in _tasks(1, 2, 1):
+    for task in empty_tasks(1, 2, 1):
         method.grow(task)
     method.prototypes.normal_()
     z = torch.randn(2, 3 * 32)

@@ -11,22 +11,9 @@ import torch
 
 from cil.task import Task
 from methods.fecam import FeCAM
-from tests.conftest import tiny_backbone
+from tests.conftest import empty_tasks, tiny_backbone
 
 DIM = 32
-
-
-def _tasks(*class_counts: int) -> list[Task]:
-    tasks, first = [], 0
-    for index, count in enumerate(class_counts):
-        classes = tuple(range(first, first + count))
-        tasks.append(
-            Task(
-                index=index, name=f"t{index}", classes=classes, class_names=tuple(map(str, classes)), train=[], test=[]
-            )
-        )  # type: ignore[arg-type]
-        first += count
-    return tasks
 
 
 def _anisotropic(tasks: list[Task], per_class: int, seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -107,7 +94,7 @@ def _pilot_distances(train: np.ndarray, labels: np.ndarray, test: np.ndarray, nu
 def test_the_classifier_is_the_mahalanobis_distance_computed_from_scratch(
     kwargs: dict[str, Any], reference: Any
 ) -> None:
-    tasks = _tasks(3, 2)
+    tasks = empty_tasks(3, 2)
     feats = _anisotropic(tasks, per_class=40)
     method = _fecam(**kwargs)
     _learn(method, tasks, feats)
@@ -122,7 +109,7 @@ def test_the_classifier_is_the_mahalanobis_distance_computed_from_scratch(
 
 
 def test_tukey_transforms_features_before_the_statistics_and_refuses_signed_features() -> None:
-    tasks = _tasks(2)
+    tasks = empty_tasks(2)
     z, labels = _anisotropic(tasks, per_class=30)[0]
     positive = z.abs() + 0.1
     method = _fecam(tukey_beta=0.5)
@@ -135,8 +122,8 @@ def test_tukey_transforms_features_before_the_statistics_and_refuses_signed_feat
 
 
 def test_fecam_does_not_train_unless_asked_to_adapt() -> None:
-    assert not _fecam().needs_fit(_tasks(2)[0])
-    assert _fecam(adapt="adapter").needs_fit(_tasks(2)[0])
+    assert not _fecam().needs_fit(empty_tasks(2)[0])
+    assert _fecam(adapt="adapter").needs_fit(empty_tasks(2)[0])
 
 
 @pytest.mark.parametrize(

@@ -12,20 +12,7 @@ import torch.nn.functional as F
 from cil.ridge import RandomProjectionRidge, select_ridge
 from cil.task import Task
 from methods.ranpac import RanPAC
-from tests.conftest import tiny_backbone
-
-
-def _tasks(*class_counts: int) -> list[Task]:
-    tasks, first = [], 0
-    for index, count in enumerate(class_counts):
-        classes = tuple(range(first, first + count))
-        tasks.append(
-            Task(
-                index=index, name=f"t{index}", classes=classes, class_names=tuple(map(str, classes)), train=[], test=[]
-            )
-        )  # type: ignore[arg-type]
-        first += count
-    return tasks
+from tests.conftest import empty_tasks, tiny_backbone
 
 
 def _features(
@@ -54,7 +41,7 @@ def _ranpac(**kwargs: Any) -> RanPAC:
 
 
 def test_the_incremental_readout_is_a_batch_ridge_regression_on_all_seen_images() -> None:
-    tasks = _tasks(3, 2, 4)
+    tasks = empty_tasks(3, 2, 4)
     method = _ranpac(ridge=0.5)
     feats = _features(tasks, method.backbone.num_features, per_class=7)
     _run(method, tasks, feats)
@@ -86,7 +73,7 @@ def test_lambda_is_the_candidate_with_the_lowest_held_out_error_of_a_fit_on_the_
 
 
 def test_the_method_chooses_lambda_per_task_and_records_it() -> None:
-    tasks = _tasks(3, 3)
+    tasks = empty_tasks(3, 3)
     method = _ranpac(ridges=[1e-6, 1e6])
     feats = _features(tasks, method.backbone.num_features, per_class=10)
     method.begin_task(tasks[0])
@@ -99,7 +86,7 @@ def test_the_method_chooses_lambda_per_task_and_records_it() -> None:
 
 
 def test_cosine_readout_and_no_projection() -> None:
-    tasks = _tasks(2)
+    tasks = empty_tasks(2)
     feats = _features(tasks, 32, per_class=6)
     cosine, linear = _ranpac(ridge=1.0, readout="cosine"), _ranpac(ridge=1.0)
     torch.manual_seed(5)
@@ -133,7 +120,7 @@ def test_bad_settings_are_refused_in_one_line(kwargs: dict[str, Any], message: s
 
 
 def test_the_readout_after_a_checkpoint_round_trip_is_the_same() -> None:
-    tasks = _tasks(2, 2)
+    tasks = empty_tasks(2, 2)
     method = _ranpac(ridge=0.1)
     _run(method, tasks, _features(tasks, 32, per_class=5))
     restored = _ranpac(ridge=0.1)

@@ -8,19 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cil.task import Task
 from methods.slca import SLCA
-from tests.conftest import tiny_backbone
-
-
-def _tasks(*class_counts: int) -> list[Task]:
-    tasks, first = [], 0
-    for index, count in enumerate(class_counts):
-        classes = tuple(range(first, first + count))
-        names = tuple(map(str, classes))
-        tasks.append(Task(index=index, name=f"t{index}", classes=classes, class_names=names, train=[], test=[]))  # type: ignore[arg-type]
-        first += count
-    return tasks
+from tests.conftest import empty_tasks, tiny_backbone
 
 
 def _slca(**kwargs: Any) -> SLCA:
@@ -38,7 +27,7 @@ def _separated(
 
 def test_the_backbone_learns_at_a_hundredth_of_the_new_head_and_earlier_heads_are_frozen() -> None:
     method = _slca(lr=0.02)
-    tasks = _tasks(2, 3)
+    tasks = empty_tasks(2, 3)
     for task in tasks:
         method.begin_task(task)
     old, new = method.head.linears()
@@ -54,7 +43,7 @@ def test_the_backbone_learns_at_a_hundredth_of_the_new_head_and_earlier_heads_ar
 
 def test_the_learning_rate_drops_tenfold_after_each_milestone_epoch() -> None:
     method = _slca(milestones=[2])
-    method.begin_task(_tasks(2)[0])
+    method.begin_task(empty_tasks(2)[0])
     schedule = method.configure_optimizers()
     optimizer, scheduler = schedule["optimizer"], schedule["lr_scheduler"]["scheduler"]
     rates = []
@@ -67,7 +56,7 @@ def test_the_learning_rate_drops_tenfold_after_each_milestone_epoch() -> None:
 
 def test_alignment_trains_a_copy_and_leaves_the_trained_heads_for_the_next_task() -> None:
     method = _slca(align_epochs=10)
-    tasks = _tasks(2, 2)
+    tasks = empty_tasks(2, 2)
     generator = torch.Generator().manual_seed(0)
     dim = method.backbone.num_features
     for task in tasks:
@@ -86,7 +75,7 @@ def test_alignment_trains_a_copy_and_leaves_the_trained_heads_for_the_next_task(
 
 def test_logit_norm_loss_and_shrunk_means_are_the_authors_formulas() -> None:
     method = _slca()
-    for task in _tasks(2, 3, 1):
+    for task in empty_tasks(2, 3, 1):
         method.begin_task(task)
     logits, targets = torch.randn(4, 6), torch.tensor([0, 3, 5, 2])
     parts = [logits[:, :2], logits[:, 2:5], logits[:, 5:]]
