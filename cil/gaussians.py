@@ -189,6 +189,7 @@ class MahalanobisHead(nn.Module):
         self.precisions[c] = torch.linalg.pinv(covariance.double()).to(self.precisions)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        diff = z.float()[:, None, :] - self.means.to(z.device)[None]  # [B, C, D]
-        left = torch.einsum("bcd,cde->bce", diff, self.precisions.to(z.device))  # [B, C, D]
-        return -(left * diff).sum(-1)  # [B, C]
+        with torch.autocast(device_type=z.device.type, enabled=False):  # precisions reach 1e4: no bf16 here
+            diff = z.float()[:, None, :] - self.means.to(z.device)[None]  # [B, C, D]
+            left = torch.einsum("bcd,cde->bce", diff, self.precisions.to(z.device))  # [B, C, D]
+            return -(left * diff).sum(-1)  # [B, C]

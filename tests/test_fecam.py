@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cil.task import Task
 from methods.fecam import FeCAM
@@ -133,3 +134,15 @@ def test_fecam_does_not_train_unless_asked_to_adapt() -> None:
 def test_bad_settings_are_refused_in_one_line(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _fecam(**kwargs)
+
+
+def test_distances_are_float32_arithmetic_under_bf16_autocast() -> None:
+    tasks = empty_tasks(3)
+    method = _fecam()
+    _learn(method, tasks, _anisotropic(tasks, per_class=40))
+    z = torch.randn(5, DIM)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = method.classify(z)
+    diff = F.normalize(z.double(), dim=-1)[:, None] - method.head.means.double()[None]  # [5, C, D], by hand
+    expected = -torch.einsum("bcd,cde,bce->bc", diff, method.head.precisions.double(), diff)
+    torch.testing.assert_close(scores, expected.float(), rtol=1e-4, atol=1e-3)

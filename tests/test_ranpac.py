@@ -139,3 +139,15 @@ def test_random_projection_ridge_accumulates_sums_of_its_own_features() -> None:
     torch.testing.assert_close(h, torch.relu(z.double() @ head.projection.double()))
     torch.testing.assert_close(head.gram, h.T @ h)
     torch.testing.assert_close(head.moments, h.T @ F.one_hot(labels, 2).double())
+
+
+def test_scores_are_float32_arithmetic_under_bf16_autocast() -> None:
+    head = RandomProjectionRidge(8, 512)
+    head.draw(torch.Generator().manual_seed(0))
+    head.expand(3)
+    head.readout.normal_()
+    z = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = head(z)
+    expected = torch.relu(z.double() @ head.projection.double()) @ head.readout.double().T  # by hand, float64
+    torch.testing.assert_close(scores, expected.float(), rtol=1e-5, atol=1e-4)
