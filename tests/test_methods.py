@@ -50,7 +50,7 @@ QUICKER: dict[str, dict[str, object]] = {
     "l2p": {"pool_size": 4, "length": 1, "top_k": 2},
     "dualprompt": {"g_length": 1, "e_length": 1, "g_layers": [0], "e_layers": [1], "pool_size": 4},
     "coda_prompt": {"pool_size": 4, "length": 2, "layers": [0, 1], "epochs": 5},
-    "ranpac": {"projection_dim": 256},  # M = 10,000 would solve 10k x 10k systems 18 times per task on the CPU
+    "ranpac": {"projection_dim": 256, "epochs": 5},  # M = 10,000: 18 solves of 10k x 10k per task on the CPU
     "slca": {"epochs": 5, "align_samples_per_class": 64},
     "ease": {"epochs": 5},  # 20 epochs per task: 150 s per protocol on 2 cores
 }
