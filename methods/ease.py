@@ -60,6 +60,8 @@ class EASE(CILMethod):
         alpha: Total weight of the subspaces other than a class's own in its score (authors: 0.1).
     """
 
+    supports_distributed = True  # tests/test_distributed.py
+
     def __init__(
         self,
         backbone: Backbone,

@@ -72,7 +72,7 @@ class FeCAM(FirstTaskAdaptation):
         covariance_normalization: ``correlation`` (authors), ``row_correlation`` (PILOT's ``corrcoef``) or ``none``.
     """
 
-    supports_distributed = False  # not yet shown under DDP (tests/test_distributed.py)
+    supports_distributed = True  # tests/test_distributed.py
 
     def __init__(
         self,

@@ -71,7 +71,7 @@ class RanPAC(FirstTaskAdaptation):
         readout: ``linear`` (the authors' code) or ``cosine`` (LAMDA-PILOT's port).
     """
 
-    supports_distributed = False  # not yet shown under DDP (tests/test_distributed.py)
+    supports_distributed = True  # tests/test_distributed.py
 
     def __init__(
         self,

@@ -67,6 +67,8 @@ class SLCA(CILMethod):
         final_norm: ``reset`` (the authors' code: a fresh final LayerNorm) or ``pretrained`` (LAMDA-PILOT).
     """
 
+    supports_distributed = True  # tests/test_distributed.py
+
     def __init__(
         self,
         backbone: Backbone,

@@ -48,10 +48,17 @@ FAMILIES: dict[str, list[str]] = {
     "kfpf": ["--config", str(ROOT / "configs/experiments/kfpf_offline.yaml")],  # FPF's steps inside the fit
     "aper": ["--config", str(ROOT / "configs/experiments/aper_ssf_offline.yaml")],  # prototypes of a tuned copy
     "codyra": ["--config", str(ROOT / "configs/experiments/codyra_offline.yaml")],
+    "ranpac": ["--config", str(ROOT / "configs/experiments/ranpac_offline.yaml")],  # lambda's permutation, the solve
+    "fecam": ["--config", str(ROOT / "configs/experiments/fecam_offline.yaml")],
+    "ease": ["--config", str(ROOT / "configs/experiments/ease_offline.yaml")],  # a subspace per task
+    "slca": ["--config", str(ROOT / "configs/experiments/slca_offline.yaml")],  # alignment's draws
     # MTIL: the zero-shot baseline and the tasks not trained yet, scored by a tiny random CLIP's class names
     "codyra_mtil": ["--config", str(ROOT / "configs/paper/codyra_mtil.yaml")],
 }
-AFTER_TINY = {"codyra_mtil": ["--config", str(ROOT / "tests" / "data" / "tiny_clip_overrides.yaml")]}
+AFTER_TINY = {
+    "codyra_mtil": ["--config", str(ROOT / "tests" / "data" / "tiny_clip_overrides.yaml")],
+    "ranpac": ["--config", str(ROOT / "tests" / "data" / "tiny_ranpac_overrides.yaml")],
+}
 
 
 def _cil_run(out: Path, family: str, processes: int) -> subprocess.CompletedProcess[str]:
@@ -121,7 +128,9 @@ def test_simplecil_on_two_processes_is_the_one_process_run(tmp_path: Path) -> No
     assert pd.read_csv(two / "tasks.csv")["state_digest"].iloc[-1] == state_digest(method)  # prototypes, bit for bit
 
 
-@pytest.mark.parametrize("family", ["finetune", "mos", "lae", "er", "fpf", "kfpf", "aper", "codyra"])
+@pytest.mark.parametrize(
+    "family", ["finetune", "mos", "lae", "er", "fpf", "kfpf", "aper", "codyra", "ranpac", "fecam", "ease", "slca"]
+)
 def test_a_training_method_on_two_processes_scores_what_its_checkpoint_scores(family: str, tmp_path: Path) -> None:
     run = tmp_path / "two"
     results = _check_two_process_run(run, _cil_run(run, family, 2))
