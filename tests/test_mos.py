@@ -14,7 +14,7 @@ from cil.data import Transformed
 from cil.engine import Engine
 from cil.task import Task
 from methods.mos import MOS
-from tests.conftest import TINY_DATA, cpu_trainers, crash_during, tiny_backbone, tiny_stream
+from tests.conftest import TINY_DATA, cpu_trainers, crash_during, empty_tasks, tiny_backbone, tiny_stream
 
 
 def _mos(**kwargs: Any) -> MOS:
@@ -23,12 +23,8 @@ def _mos(**kwargs: Any) -> MOS:
 
 
 def _grow(method: MOS, *class_counts: int) -> None:
-    first = 0
-    for index, count in enumerate(class_counts):
-        classes = tuple(range(first, first + count))
-        names = tuple(map(str, classes))
-        method.grow(Task(index=index, name=f"t{index}", classes=classes, class_names=names, train=[], test=[]))  # type: ignore[arg-type]
-        first += count
+    for task in empty_tasks(*class_counts):
+        method.grow(task)
 
 
 def test_merge_pulls_the_running_adapter_toward_the_mean_of_earlier_ones() -> None:
@@ -70,10 +66,7 @@ def test_gaussians_and_alignment_recover_separated_classes() -> None:
 def test_checkpoints_from_before_the_shared_gaussians_still_load() -> None:
     """Runs saved when MOS kept its own ``class_means`` / ``class_covs`` buffers resume into ``gaussians``."""
     method = _mos()
-    tasks = [
-        Task(index=i, name=f"t{i}", classes=(2 * i, 2 * i + 1), class_names=("a", "b"), train=[], test=[])  # type: ignore[arg-type]
-        for i in range(2)
-    ]
+    tasks = empty_tasks(2, 2)
     for task in tasks:
         method.grow(task)
     method.gaussians.means.normal_()

@@ -18,7 +18,7 @@ from cil.layers import ComponentPool, gram_schmidt_rows, prefixes_set
 from cil.method import create_method
 from cil.task import Task
 from methods.coda_prompt import coda_cosine
-from tests.conftest import TINY_DATA, cpu_trainers, crash_during, run_engine, tiny_backbone, tiny_stream
+from tests.conftest import TINY_DATA, cpu_trainers, crash_during, empty_tasks, run_engine, tiny_backbone, tiny_stream
 
 TINY = {  # the tiny ViT has 2 blocks
     "l2p": {"pool_size": 4, "length": 1, "top_k": 2, "epochs": 2},
@@ -38,10 +38,8 @@ def _task(index: int, classes: tuple[int, ...]) -> Task:
 
 def _begin(method: Any, *class_counts: int, num_tasks: int = 5) -> None:
     method.num_tasks = num_tasks
-    first = 0
-    for index, count in enumerate(class_counts):
-        method.begin_task(_task(index, tuple(range(first, first + count))))
-        first += count
+    for task in empty_tasks(*class_counts):
+        method.begin_task(task)
 
 
 # ---- DualPrompt -------------------------------------------------------------------------------------------------
