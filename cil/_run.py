@@ -311,6 +311,7 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
         evaluate_future=bool(cli.config["evaluate_future"]),
         label_space=str(cli.config["label_space"]),
         count_flops=bool(cli.config["count_flops"]),
+        feature_cache=cli.config["feature_cache"],
         retention=build_stream(config["retention"], seed=seed) if config.get("retention") else None,
     )
     summary = engine.run()

@@ -78,6 +78,14 @@ RUN_OPTIONS: tuple[tuple[str, str, Any, Any, str], ...] = (
     ),
     ("count_flops", "true|false", bool, True, "count training FLOPs per task"),
     (
+        "feature_cache",
+        "DIR",
+        str | None,
+        None,
+        "reuse frozen embeddings across runs, seeds and methods: images already embedded in DIR with the same "
+        "weights, transform and precision are read, not embedded again (one process only)",
+    ),
+    (
         "max_steps_per_fit",
         "N",
         int | None,

@@ -123,7 +123,11 @@ def build_transform(
     return v2.Compose([v2.Lambda(_to_float_rgb), *geometry, v2.Normalize(mean=list(mean), std=list(std))])
 
 
-def make_loader(dataset: Dataset[Any], batch_size: int, shuffle: bool, num_workers: int) -> DataLoader[Any]:
+def make_loader(
+    dataset: Dataset[Any], batch_size: int, shuffle: bool, num_workers: int, pin_memory: bool = False
+) -> DataLoader[Any]:
+    """``pin_memory``: batches in page-locked memory, so that the copy to a GPU runs asynchronously (Lightning
+    copies with ``non_blocking=True`` to CUDA devices); the engine pins when its trainer runs on a GPU."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -131,6 +135,7 @@ def make_loader(dataset: Dataset[Any], batch_size: int, shuffle: bool, num_worke
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         drop_last=False,
+        pin_memory=pin_memory,
     )
 
 

@@ -38,11 +38,14 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from torchmetrics.functional.classification import multilabel_average_precision
 
-from cil._distributed import GatherPredictions, broadcast_state, is_rank_zero, sum_over_ranks
+from cil._distributed import GatherPredictions, broadcast_state, is_rank_zero, state_digest, sum_over_ranks
 from cil._interrupt import Interrupted, signals_deferred
 from cil._lock import exclusive_run_directory
 from cil._malloc import tune_malloc
+from cil._unchanged_weights import UnchangedWeights
 from cil.data import DataConfig, Transformed, build_transform, make_loader
+from cil.feature_cache import FORMAT as FEATURE_CACHE_FORMAT
+from cil.feature_cache import FeatureStore
 from cil.flops import flop_counter
 from cil.method import CILMethod, list_methods, method_class, method_registry_name
 from cil.metrics import TaskAccuracy
@@ -74,12 +77,15 @@ MAX_SEED = 2**32 - 1
 """The largest seed ``lightning.seed_everything`` (numpy) accepts; task ``i`` of a run is seeded with ``seed + i``."""
 
 # Config keys that steer or describe the run but cannot change its results; resuming may change them.
-_RUN_CONTROL_KEYS = {"out", "resume", "config", "keep_checkpoints", "logger", "reported", "count_flops"}
+_RUN_CONTROL_KEYS = {
+    *("out", "resume", "config", "keep_checkpoints", "logger", "reported", "count_flops", "feature_cache")
+}
 _TRAINER_DISPLAY_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "callbacks"}
 
 
 # Config keys added after runs were written: hashed only when set to something else, so those runs still resume.
 _LATER_KEY_DEFAULTS = {"evaluate_future": False, "label_space": "seen"}
+_LATER_GROUP_KEY_DEFAULTS = {"backbone": {"channels_last": True, "compile": False}}
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -91,6 +97,9 @@ def config_hash(config: dict[str, Any]) -> str:
     }
     if isinstance(relevant.get("trainer"), dict):
         relevant["trainer"] = {k: v for k, v in relevant["trainer"].items() if k not in _TRAINER_DISPLAY_KEYS}
+    for group, defaults in _LATER_GROUP_KEY_DEFAULTS.items():
+        if isinstance(relevant.get(group), dict):
+            relevant[group] = {k: v for k, v in relevant[group].items() if k not in defaults or v != defaults[k]}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -270,26 +279,62 @@ class _FlopSampler(Callback):
 
 
 class _FeatureCache:
-    """Embeddings of datasets under the evaluation transform, reused while the method's embedding is frozen."""
+    """Embeddings of datasets under the evaluation transform, reused while the method's embedding is frozen: in
+    memory for the run, and on disk across runs with a :class:`~cil.feature_cache.FeatureStore`."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, store: FeatureStore | None = None) -> None:
         self.engine = engine
+        self.store = store
         self.trainer: L.Trainer | None = None
         self._cache: dict[int, tuple[Dataset[Any], torch.Tensor, torch.Tensor]] = {}
+        self._description: dict[str, Any] | None = None  # of the frozen embedding, for the store
         self.images = 0  # images that went through the backbone
 
     def __call__(self, dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
         method = self.engine.method
         if not method.embedding_frozen:
             self._cache.clear()
+            self._description = None
         hit = self._cache.get(id(dataset))
         if hit is not None:
             return hit[1], hit[2]
-        embeddings, labels = self.engine._predict(self.trainer, dataset, "embedding")
-        self.images += len(labels)
+        found = None
+        if self.store is not None and method.embedding_frozen and (description := self.description()) is not None:
+            found = self.store.embed(description, dataset, self._compute)
+        embeddings, labels = found if found is not None else self._compute(dataset)
         if method.embedding_frozen:
             self._cache[id(dataset)] = (dataset, embeddings, labels)  # keeps `dataset` alive so its id stays unique
         return embeddings, labels
+
+    def _compute(self, dataset: Dataset[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeddings, labels = self.engine._predict(self.trainer, dataset, "embedding")
+        self.images += len(labels)
+        return embeddings, labels
+
+    def description(self) -> dict[str, Any] | None:
+        """What makes the frozen embedding (the store's key), or None where the method does not name the module
+        its embedding depends on. The weights are hashed once while the embedding stays frozen."""
+        if self._description is None:
+            method, trainer = self.engine.method, self.trainer
+            module = method.embedding_module()
+            if module is None or trainer is None:
+                return None
+            backbone = method.backbone
+            self._description = {
+                "format": FEATURE_CACHE_FORMAT,
+                "embed": f"{type(method).embed.__module__}.{type(method).embed.__qualname__}",
+                "weights": state_digest(module),
+                "transform": repr(self.engine.eval_transform),
+                "input_size": backbone.input_size,
+                "mean": list(backbone.mean),
+                "std": list(backbone.std),
+                "precision": str(trainer.precision),
+                "device": trainer.strategy.root_device.type,
+                "channels_last": bool(getattr(backbone, "channels_last", False)),
+                "compile": bool(getattr(backbone, "compile_extraction", False)),
+                "torch": torch.__version__,
+            }
+        return self._description
 
 
 class Engine:
@@ -317,6 +362,9 @@ class Engine:
             is not counted.
         verbose: Let Lightning print its per-Trainer banners and tips (hardware, logging); by default a run shows
             only progress and warnings.
+        feature_cache: A folder of frozen embeddings shared by runs (:mod:`cil.feature_cache`): images another run,
+            seed or method already embedded with the same weights, transform and precision are read, not embedded
+            again. One process only.
 
     A run applies :func:`cil._malloc.tune_malloc` (glibc allocator settings, 2-3x faster CPU training) unless
     ``CIL_NO_MALLOC_TUNING=1``. Without a ``config`` (Python API), ``config.yaml`` records the method's class and
@@ -342,6 +390,7 @@ class Engine:
         evaluate_future: bool = False,
         label_space: str = "seen",
         verbose: bool = False,
+        feature_cache: str | Path | None = None,
     ) -> None:
         method.set_protocol(protocol)  # validates the name and the method's support
         _check_task_kinds(method, stream, protocol)
@@ -371,7 +420,7 @@ class Engine:
         self.method_name = str(self.config.get("method_name") or registered or type(method).__name__.lower())
         self.results: list[dict[str, Any]] = []
         self.task_costs: list[dict[str, Any]] = []
-        self.features = _FeatureCache(self)
+        self.features = _FeatureCache(self, FeatureStore(feature_cache) if feature_cache is not None else None)
         self.train_transform = build_transform(
             method.backbone.input_size, method.backbone.mean, method.backbone.std, train=self.data.augment
         )
@@ -405,6 +454,7 @@ class Engine:
             return self._run_stream()
 
     def _run_stream(self) -> dict[str, Any]:
+        self.unchanged = UnchangedWeights(self.method.state_dict())  # before a restore: the weights as built
         start = self._restore() if self.resume else self._check_fresh_out()
         if start == 0 and is_rank_zero():
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
@@ -455,7 +505,9 @@ class Engine:
         self.features.images = 0
         if fits:
             train_data = Transformed(method.train_dataset(task, seen_tasks), self.train_transform)
-            loader = make_loader(train_data, self.data.batch_size, shuffle=True, num_workers=self.data.num_workers)
+            loader = make_loader(
+                train_data, self.data.batch_size, True, self.data.num_workers, pin_memory=_on_gpu(trainer)
+            )
             trainer.fit(method, train_dataloaders=loader)
         if flops is not None:
             flops.count_predictions = True  # feature extraction for prototypes etc. is part of training
@@ -521,7 +573,9 @@ class Engine:
             overrides = {**method.trainer_overrides(task), "log_version": f"task_{task.index:03d}_consolidation"}
             trainer = self.trainer_factory(task.index, callbacks, overrides)
             batch_size = method.consolidation_batch_size() or self.data.batch_size
-            loader = make_loader(Transformed(data, self.train_transform), batch_size, True, self.data.num_workers)
+            loader = make_loader(
+                Transformed(data, self.train_transform), batch_size, True, self.data.num_workers, _on_gpu(trainer)
+            )
             trainer.fit(method, train_dataloaders=loader)
         finally:
             method.phase = "task"
@@ -549,7 +603,11 @@ class Engine:
         if trainer is None:
             raise RuntimeError("features are only available inside a task")
         loader = make_loader(
-            Transformed(dataset, self.eval_transform), self.data.eval_batch_size, False, self.data.num_workers
+            Transformed(dataset, self.eval_transform),
+            self.data.eval_batch_size,
+            False,
+            self.data.num_workers,
+            pin_memory=_on_gpu(trainer),
         )
         self.method.predict_output = output
         gather = GatherPredictions() if trainer.world_size > 1 else None  # every rank predicts a shard
@@ -676,7 +734,10 @@ class Engine:
         return written
 
     def _write_checkpoint(self, task: Task) -> None:
-        """The state after ``task``, with the SHA-256 of its content (see :func:`cil.results.content_sha256`)."""
+        """The state after ``task``, with the SHA-256 of its content (see :func:`cil.results.content_sha256`); large
+        weights that still hold their starting values are stored by digest (:mod:`cil._unchanged_weights`)."""
+        method = self.method.cil_state()
+        method["weights"], unchanged = self.unchanged.strip(method["weights"])
         state: dict[str, Any] = {
             "config_hash": self.config_hash,
             "config": self.config,
@@ -684,7 +745,8 @@ class Engine:
             "task_index": task.index,
             "stream_fingerprint": self.stream_fingerprint,
             "stream_description": _plain(describe_stream(self.stream)),
-            "method": self.method.cil_state(),
+            "method": method,
+            "unchanged_weights": unchanged,
             "results": self.results,
             "task_costs": self.task_costs,
         }
@@ -718,6 +780,11 @@ class Engine:
         probe = self.trainer_factory(first.index, [], {**self.method.trainer_overrides(first), "logger": False})
         if probe.world_size <= 1:
             return
+        if self.features.store is not None:
+            raise ValueError(
+                f"feature_cache is single-process for now ({probe.world_size} processes requested): drop "
+                "--feature_cache, or run with --trainer.devices 1"
+            )
         strategy = probe.strategy
         spawns = getattr(strategy, "_start_method", "popen") != "popen"  # ddp_spawn / ddp_fork / ddp_notebook
         if not isinstance(strategy, DDPStrategy) or spawns:  # FSDP, DeepSpeed: not DDPStrategy
@@ -802,6 +869,9 @@ class Engine:
                 f"(differs in: {', '.join(changed[:8]) or 'the labels'}); "
                 "restore the data the run started with, or start a new run with another --out"
             )
+        if state.get("unchanged_weights"):  # absent before checkpoints referenced weights by digest
+            weights = state["method"]["weights"]
+            state["method"]["weights"] = self.unchanged.fill(weights, state["unchanged_weights"], repr(str(path)))
         self.method.load_cil_state(state["method"], self.stream.tasks)
         self.results = list(state["results"])
         self.task_costs = list(state["task_costs"])
@@ -916,6 +986,11 @@ def stream_fingerprint(stream: Stream) -> str:
                 labels = None
             digest.update(b"-" if labels is None else np.ascontiguousarray(labels).tobytes())
     return digest.hexdigest()
+
+
+def _on_gpu(trainer: L.Trainer) -> bool:
+    """Whether the trainer's device is a CUDA GPU: its loaders then pin their batches (asynchronous copies)."""
+    return trainer.strategy.root_device.type == "cuda"
 
 
 def _cumulative_flops(task_costs: list[dict[str, Any]]) -> int | None:

@@ -142,6 +142,7 @@ class CILMethod(L.LightningModule):
         self.count_flops = False  # whether to add the FLOPs of work done outside the Trainer's batches (below)
         self.extra_train_flops = 0.0  # FLOPs of optimisation run inside hooks, which the engine's sampler cannot see
         self.phase = "task"  # "consolidation" during the fit on consolidation_dataset()
+        self._compiled_embed: Callable[[torch.Tensor], torch.Tensor] | None = None  # see extraction_embed
 
     def set_protocol(self, protocol: str) -> None:
         """Chooses the evaluation / training protocol (one of :data:`PROTOCOLS`) before the stream starts."""
@@ -224,6 +225,12 @@ class CILMethod(L.LightningModule):
         """True while :meth:`embed` cannot change any more during the run, so embeddings may be cached."""
         return False
 
+    def embedding_module(self) -> nn.Module | None:
+        """The module whose state alone makes :meth:`embed`'s output, which the persistent feature cache hashes
+        into its key (:mod:`cil.feature_cache`); None where the method does not say, and nothing is cached on
+        disk. By default the backbone, for methods whose :meth:`embed` is the backbone's forward."""
+        return self.backbone if type(self).embed is CILMethod.embed else None
+
     # ---- forward ---------------------------------------------------------------------------------------------
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` -> embeddings ``[B, D]``."""
@@ -241,7 +248,18 @@ class CILMethod(L.LightningModule):
         x, y = batch
         if self.predict_output == "backbone":  # the shared network's own features (the retention probe)
             return self.backbone(x), y
-        return (self.embed(x) if self.predict_output == "embedding" else self(x)), y
+        if self.predict_output == "embedding":
+            return self.extraction_embed()(x), y
+        return self(x), y
+
+    def extraction_embed(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`embed` as feature extraction runs it: compiled once (``torch.compile``) while the embedding is
+        frozen and the backbone asks for it (``backbone.compile``), eager otherwise."""
+        if not (self.embedding_frozen and getattr(self.backbone, "compile_extraction", False)):
+            return self.embed
+        if self._compiled_embed is None:
+            self._compiled_embed = torch.compile(self.embed)
+        return self._compiled_embed
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """The sequential fine-tuning loss; methods override it.

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -162,3 +163,52 @@ def test_a_finished_run_resumed_rebuilds_its_deleted_results_files(finished: Pat
     for name in RESULTS_FILES:  # intact files are left as they are (a sweep's finished seeds keep their times)
         if name != "summary.json":
             assert (finished / name).stat().st_mtime_ns == times[name], name
+
+
+def _simplecil(seed: int = 0) -> Any:
+    from cil.method import create_method
+
+    torch.manual_seed(seed)
+    return create_method("simplecil", tiny_backbone())
+
+
+def _engine_run(out: Path, method: Any, **kwargs: Any) -> Engine:
+    return run_engine(out, method, tiny_stream(), **kwargs)
+
+
+def test_unchanged_weights_are_stored_by_digest_and_resume_fills_them_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("cil._unchanged_weights.MIN_BYTES", 1024)  # the tiny ViT's larger tensors count as large
+    reference = _engine_run(tmp_path / "reference", _simplecil())
+    state = torch.load(tmp_path / "reference" / "checkpoints" / "task_004.ckpt", weights_only=True)
+    referenced = state["unchanged_weights"]
+    assert "backbone.model.blocks.0.mlp.fc1.weight" in referenced  # the frozen backbone: not stored
+    assert not referenced.keys() & state["method"]["weights"].keys()
+    assert "head.prototypes" in state["method"]["weights"]  # changed by every task: stored
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _engine_run(tmp_path / "crashed", crash_during(_simplecil(), 3))
+    resumed = _engine_run(tmp_path / "crashed", _simplecil(), resume=True)
+    np.testing.assert_array_equal(resumed.accuracy_matrix(), reference.accuracy_matrix())
+
+    other = _simplecil(seed=1)  # the config now builds other backbone weights
+    with pytest.raises(ValueError, match="builds other values"):
+        _engine_run(tmp_path / "crashed", other, resume=True)
+
+
+def test_weights_changed_behind_autograd_are_stored_in_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cil._unchanged_weights.MIN_BYTES", 1024)
+    method = _simplecil()
+    original = method.after_task
+
+    def after_task(task: Any, features: Any) -> None:
+        original(task, features)
+        method.backbone.model.blocks[0].mlp.fc1.weight.data.mul_(0.5)  # an EMA-style update: no version bump
+
+    method.after_task = after_task  # type: ignore[method-assign]
+    _engine_run(tmp_path / "run", method)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "task_000.ckpt", weights_only=True)
+    stored = state["method"]["weights"]["backbone.model.blocks.0.mlp.fc1.weight"]
+    assert torch.equal(stored, method.backbone.model.blocks[0].mlp.fc1.weight * 2**4)  # halved 5 times, 1 at task 0
+    assert "backbone.model.blocks.0.mlp.fc1.weight" not in state["unchanged_weights"]
