@@ -6,10 +6,11 @@ the values the run started with are the ones the config builds again on resume, 
 them as the SHA-256 of its bytes instead; resuming fills them in from the freshly built method after checking
 that every digest matches (other weights, from a changed checkpoint file or another timm version, are refused).
 
-"Unchanged" is decided by content, not by ``tensor._version``: ``p.data.mul_()`` (EMA updates) changes a tensor
-without bumping its version. Only tensors of at least :data:`MIN_BYTES` are referenced: small ones (heads,
-adapters freshly initialised from the RNG) are cheap to store and would otherwise tie resuming to the RNG state in
-which the method was built.
+Only the weights of backbones loaded from a named source (timm's pre-trained weights, a checkpoint file, an offline
+source: not ``weights == "random"``) are referenced, and only tensors of at least :data:`MIN_BYTES`: random
+weights and small tensors are cheap to store or depend on the RNG state the method was built in, which a method
+rebuilt for analysis need not share. "Unchanged" is decided by content, not by ``tensor._version``:
+``p.data.mul_()`` (an EMA update) changes a tensor without bumping its version.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = ["MIN_BYTES", "UnchangedWeights"]
 
@@ -30,13 +32,24 @@ def _digest(tensor: torch.Tensor) -> str:
 
 
 class UnchangedWeights:
-    """Digests of a freshly built method's large tensors, to strip those still unchanged from its checkpoints."""
+    """Digests of a freshly built method's large pre-trained tensors, to strip those still unchanged from its
+    checkpoints."""
 
-    def __init__(self, state: dict[str, Any]) -> None:
+    def __init__(self, method: nn.Module) -> None:
+        from cil.backbones import Backbone
+
+        state = method.state_dict()
+        sources = [
+            f"{name}." if name else ""
+            for name, module in method.named_modules()
+            if isinstance(module, Backbone) and module.weights != "random"
+        ]
         self.digests = {
             key: _digest(value)
             for key, value in state.items()
-            if isinstance(value, torch.Tensor) and value.numel() * value.element_size() >= MIN_BYTES
+            if key.startswith(tuple(sources))  # nothing when no backbone has named weights
+            and isinstance(value, torch.Tensor)
+            and value.numel() * value.element_size() >= MIN_BYTES
         }
         self._fresh = state
 

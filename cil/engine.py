@@ -420,6 +420,7 @@ class Engine:
         self.method_name = str(self.config.get("method_name") or registered or type(method).__name__.lower())
         self.results: list[dict[str, Any]] = []
         self.task_costs: list[dict[str, Any]] = []
+        self.unchanged = UnchangedWeights(method)  # the weights as built, before any restore
         self.features = _FeatureCache(self, FeatureStore(feature_cache) if feature_cache is not None else None)
         self.train_transform = build_transform(
             method.backbone.input_size, method.backbone.mean, method.backbone.std, train=self.data.augment
@@ -454,7 +455,6 @@ class Engine:
             return self._run_stream()
 
     def _run_stream(self) -> dict[str, Any]:
-        self.unchanged = UnchangedWeights(self.method.state_dict())  # before a restore: the weights as built
         start = self._restore() if self.resume else self._check_fresh_out()
         if start == 0 and is_rank_zero():
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))

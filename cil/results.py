@@ -12,7 +12,8 @@ Run directory contract (later tools rely on these names)::
     OUT/accuracy_matrix.csv   R[i, j] in percent (rows: after training task i, columns: task j)
     OUT/summary.json          the headline metrics, see :func:`summarize`
     OUT/checkpoints/task_{i:03d}.ckpt
-                              the state after task i, with the SHA-256 of its content (:func:`content_sha256`)
+                              the state after task i, with the SHA-256 of its content (:func:`content_sha256`);
+                              pre-trained weights still unchanged only as digests (:mod:`cil._unchanged_weights`)
     OUT/logs/                 Lightning logger output, one version per task
 
 Every file is written atomically (:func:`atomic_write_bytes`) with the mode ``open(path, "w")`` would give it.

@@ -165,11 +165,14 @@ def test_a_finished_run_resumed_rebuilds_its_deleted_results_files(finished: Pat
             assert (finished / name).stat().st_mtime_ns == times[name], name
 
 
-def _simplecil(seed: int = 0) -> Any:
+def _simplecil(seed: int = 0, source: str = "a named source") -> Any:
+    """SimpleCIL on the tiny ViT, its weights marked as loaded from ``source`` ("random": not)."""
     from cil.method import create_method
 
     torch.manual_seed(seed)
-    return create_method("simplecil", tiny_backbone())
+    backbone = tiny_backbone()
+    backbone.weights = source
+    return create_method("simplecil", backbone)
 
 
 def _engine_run(out: Path, method: Any, **kwargs: Any) -> Engine:
@@ -195,6 +198,10 @@ def test_unchanged_weights_are_stored_by_digest_and_resume_fills_them_in(
     other = _simplecil(seed=1)  # the config now builds other backbone weights
     with pytest.raises(ValueError, match="builds other values"):
         _engine_run(tmp_path / "crashed", other, resume=True)
+
+    _engine_run(tmp_path / "random", _simplecil(source="random"))
+    state = torch.load(tmp_path / "random" / "checkpoints" / "task_004.ckpt", weights_only=True)
+    assert not state["unchanged_weights"]  # random weights are stored: a rebuilt method need not share the RNG
 
 
 def test_weights_changed_behind_autograd_are_stored_in_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
