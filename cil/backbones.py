@@ -102,7 +102,7 @@ class Backbone(nn.Module):
             authors' transforms do.
         std: Per-channel standard deviation (default: the weights' own).
         channels_last: Keep the weights of convolutions in channels-last (NHWC) memory layout, where oneDNN and
-            cuDNN have their fastest kernels (2 CPU cores: EfficientNet-Lite0 forwards 1.6x faster at 224 px,
+            cuDNN have their fastest kernels (2 CPU cores: EfficientNet-Lite0 at 224 px forwarded 1.06-1.3x faster,
             ``benchmarks/throughput.py``). A ViT's one convolution is its patch embedding, so ViTs are unchanged.
             Outputs agree with the contiguous layout up to float rounding.
         compile: ``torch.compile`` the method's embedding for feature extraction while it is frozen (SimpleCIL,

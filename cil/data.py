@@ -50,7 +50,9 @@ class DataConfig:
         batch_size: Training batch size.
         eval_batch_size: Batch size for feature extraction and evaluation (no gradients, so larger).
         num_workers: DataLoader worker processes. 0 is fastest on 2 CPU cores with in-memory data (measured:
-            65 img/s with 0 workers vs 17.5 img/s with 2); raise it for JPEG folders on a many-core machine.
+            65 img/s with 0 workers vs 17.5 img/s with 2); raise it for JPEG folders on a many-core machine. Not
+            chosen per device: training augmentations are drawn in the workers, from their own seeds, so the
+            number of workers changes a run's results.
         augment: Random resized crop and horizontal flip for training batches; evaluation never augments.
     """
 
