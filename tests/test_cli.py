@@ -325,6 +325,7 @@ def test_sigterm_exits_143_with_the_resume_command(tmp_path: Path, reference_res
         ("ddp_spawn", "simplecil", "DDP strategy only"),  # spawns per Trainer call: the method would stay behind
         ("ddp_fork", "simplecil", "DDP strategy only"),
         ("ddp", "mos", "statistics_adapter"),  # MOS's default statistics cannot be sharded
+        ("ddp", "simplecil --feature_cache", "feature_cache is single-process"),
     ],
 )
 def test_an_unsupported_distributed_run_is_refused_before_anything_is_written(
@@ -333,7 +334,10 @@ def test_an_unsupported_distributed_run_is_refused_before_anything_is_written(
     config = str(ROOT / "configs/experiments/quickstart.yaml")
     out = tmp_path / "run"
     distributed = ["--trainer.strategy", strategy, "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
-    code = main(["run", "--config", config, "--config", TINY, "--method", method, "--out", str(out), *distributed])
+    method, *cache = method.split()
+    extra = [cache[0], str(tmp_path / "cache")] if cache else []
+    arguments = ["run", "--config", config, "--config", TINY, "--method", method, "--out", str(out), *extra]
+    code = main([*arguments, *distributed])
     error = capsys.readouterr().err.strip().splitlines()
     assert code != 0 and says in error[-1] and "--trainer.devices 1" in error[-1]
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "cache").exists()
