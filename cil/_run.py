@@ -295,6 +295,9 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
     stream = build_stream(config["stream"], seed=seed)
     trainer_kwargs = dict(cli.config_init["trainer"])
     trainer_kwargs.pop("logger", None)
+    if cli.config["quiet"]:  # batch jobs: warnings and the final summary only
+        trainer_kwargs["enable_progress_bar"] = False
+        logging.getLogger("cil").setLevel(logging.WARNING)
     engine = Engine(
         method,
         stream,

@@ -77,6 +77,7 @@ RUN_OPTIONS: tuple[tuple[str, str, Any, Any, str], ...] = (
         "the stream, trained or not (X-TAIL; needs a method that scores classes by name)",
     ),
     ("count_flops", "true|false", bool, True, "count training FLOPs per task"),
+    ("quiet", "true|false", bool, False, "no progress: neither the line per task nor Lightning's bars (batch jobs)"),
     (
         "feature_cache",
         "DIR",

@@ -42,6 +42,7 @@ from cil._distributed import GatherPredictions, broadcast_state, is_rank_zero, s
 from cil._interrupt import Interrupted, signals_deferred
 from cil._lock import exclusive_run_directory
 from cil._malloc import tune_malloc
+from cil._progress import Progress
 from cil._unchanged_weights import UnchangedWeights
 from cil.data import DataConfig, Transformed, build_transform, make_loader
 from cil.feature_cache import FORMAT as FEATURE_CACHE_FORMAT
@@ -78,7 +79,7 @@ MAX_SEED = 2**32 - 1
 
 # Config keys that steer or describe the run but cannot change its results; resuming may change them.
 _RUN_CONTROL_KEYS = {
-    *("out", "resume", "config", "keep_checkpoints", "logger", "reported", "count_flops", "feature_cache")
+    *("out", "resume", "config", "keep_checkpoints", "logger", "reported", "count_flops", "feature_cache", "quiet")
 }
 _TRAINER_DISPLAY_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "callbacks"}
 
@@ -456,6 +457,7 @@ class Engine:
 
     def _run_stream(self) -> dict[str, Any]:
         start = self._restore() if self.resume else self._check_fresh_out()
+        self.progress = Progress(self.stream.tasks, start)
         if start == 0 and is_rank_zero():
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
             atomic_write_text(self.out / "stream.json", json.dumps(describe_stream(self.stream), indent=2, default=str))
@@ -565,6 +567,7 @@ class Engine:
         if is_rank_zero():
             with signals_deferred():  # a signal here waits until the task is fully recorded
                 self._write(task)
+        log.info("%s", self.progress.line(task, self.task_costs[-1], rows))
 
     def _consolidate(self, method: CILMethod, task: Task, data: Dataset[Any], callbacks: list[Callback]) -> None:
         """The method's second fit of the task, on its own data, with a fresh Trainer and its own log folder."""

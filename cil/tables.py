@@ -42,7 +42,10 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "eval_images_per_s": ("Eval img/s", "Eval img/s", True),
 }
 # Config keys that may differ between runs averaged into one cell (the seed, and what only steers or describes a run).
-_SEED_LIKE = ("config.seed_everything", "config.out", "config.resume", "config.logger", "config.keep_checkpoints")
+_SEED_LIKE = (
+    *("config.seed_everything", "config.out", "config.resume", "config.logger", "config.keep_checkpoints"),
+    *("config.feature_cache", "config.quiet", "config.count_flops"),
+)
 _DESCRIPTIVE_PREFIXES = ("config.reported", "config.trainer.enable_", "config.trainer.log_every_n_steps")
 
 OURS, PAPER = "cil", "paper"
