@@ -15,20 +15,16 @@ rebuilt for analysis need not share. "Unchanged" is decided by content, not by `
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from cil.results import content_sha256
+
 __all__ = ["MIN_BYTES", "UnchangedWeights"]
 
 MIN_BYTES = 256 * 1024
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-    return hashlib.sha256(f"{tensor.dtype} {tuple(tensor.shape)}\n".encode() + data.tobytes()).hexdigest()
 
 
 class UnchangedWeights:
@@ -45,7 +41,7 @@ class UnchangedWeights:
             if isinstance(module, Backbone) and module.weights != "random"
         ]
         self.digests = {
-            key: _digest(value)
+            key: content_sha256(value)
             for key, value in state.items()
             if key.startswith(tuple(sources))  # nothing when no backbone has named weights
             and isinstance(value, torch.Tensor)
@@ -58,7 +54,7 @@ class UnchangedWeights:
         kept, references = {}, {}
         for key, value in weights.items():
             digest = self.digests.get(key)
-            if digest is not None and isinstance(value, torch.Tensor) and _digest(value) == digest:
+            if digest is not None and isinstance(value, torch.Tensor) and content_sha256(value) == digest:
                 references[key] = digest
             else:
                 kept[key] = value

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from cil.data import ArrayDataset
-from cil.results import atomic_write_bytes
+from cil.results import atomic_write_bytes, content_sha256
 from cil.task import LabelMapped, stored_targets
 
 __all__ = ["FeatureStore", "embedding_digest", "sample_keys"]
@@ -47,16 +47,18 @@ _KEY_BYTES = 32  # SHA-256
 Embed = Callable[[Dataset[Any]], tuple[torch.Tensor, torch.Tensor]]
 
 
+def _canonical(description: dict[str, Any]) -> str:
+    """An embedding's description as canonical JSON: what a folder's name hashes and every shard repeats."""
+    return json.dumps(description, sort_keys=True, default=str)
+
+
 def embedding_digest(description: dict[str, Any]) -> str:
     """The folder name of an embedding: SHA-256 of its description (canonical JSON), 32 hex digits."""
-    return hashlib.sha256(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return hashlib.sha256(_canonical(description).encode()).hexdigest()[:32]
 
 
 def _array_key(image: Any) -> bytes:
-    array = np.ascontiguousarray(np.asarray(image))
-    digest = hashlib.sha256(f"array {array.dtype.str} {array.shape}\n".encode())
-    digest.update(array.data)
-    return digest.digest()
+    return bytes.fromhex(content_sha256(np.asarray(image)))  # dtype, shape and pixels
 
 
 def _file_key(path: str) -> bytes:
@@ -136,7 +138,7 @@ class FeatureStore:
         from safetensors.torch import safe_open
 
         index = {}
-        expected = json.dumps(description, sort_keys=True, default=str)
+        expected = _canonical(description)
         for shard in sorted((self.root / folder).glob("*.safetensors")):
             try:
                 with safe_open(str(shard), framework="pt") as handle:
@@ -161,7 +163,7 @@ class FeatureStore:
             "sample_keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).reshape(-1, _KEY_BYTES),
             "embeddings": embeddings,
         }
-        data = save(tensors, metadata={"embedding": json.dumps(description, sort_keys=True, default=str)})
+        data = save(tensors, metadata={"embedding": _canonical(description)})
         path = self.root / folder / f"{hashlib.sha256(data).hexdigest()[:32]}.safetensors"
         if not path.exists():
             atomic_write_bytes(path, data)
