@@ -61,6 +61,7 @@ from cil.results import (
 from cil.retention import retention_accuracy
 from cil.stream import Stream
 from cil.task import Task, stored_targets
+from cil.tracking import RunTracker
 from cil.transfer import ZeroShotScorer, check_evaluation, needs_zero_shot
 
 __all__ = ["MAX_SEED", "Engine", "TrainerFactory", "config_hash", "describe_stream", "make_trainer_factory"]
@@ -81,7 +82,7 @@ MAX_SEED = 2**32 - 1
 _RUN_CONTROL_KEYS = {
     *("out", "resume", "config", "keep_checkpoints", "logger", "reported", "count_flops", "feature_cache", "quiet")
 }
-_TRAINER_DISPLAY_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "callbacks"}
+_TRAINER_DISPLAY_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "callbacks", "logger"}
 
 
 # Config keys added after runs were written: hashed only when set to something else, so those runs still resume.
@@ -122,7 +123,8 @@ def make_trainer_factory(
     user_callbacks = list(kwargs.pop("callbacks", None) or [])
     for reserved in ("logger", "enable_checkpointing", "default_root_dir"):
         if reserved in kwargs and kwargs[reserved] not in (None, False):
-            raise ValueError(f"trainer.{reserved} is managed by the engine (per-task logs, atomic checkpoints)")
+            where = "trackers are Engine(loggers=[...]); " if reserved == "logger" else ""
+            raise ValueError(f"trainer.{reserved} is managed by the engine ({where}per-task logs, atomic checkpoints)")
         kwargs.pop(reserved, None)
     if logger not in {"csv", "tensorboard", "none"}:
         raise ValueError(f"logger must be 'csv', 'tensorboard' or 'none', got {logger!r}")
@@ -366,6 +368,9 @@ class Engine:
         feature_cache: A folder of frozen embeddings shared by runs (:mod:`cil.feature_cache`): images another run,
             seed or method already embedded with the same weights, transform and precision are read, not embedded
             again. One process only.
+        loggers: Experiment trackers (Lightning loggers: ``WandbLogger``, ``MLFlowLogger``, ...) that follow the whole
+            run as one tracker run: the config, every fit's training metrics, each task's accuracies, the summary
+            and the accuracy matrix (:mod:`cil.tracking`).
 
     A run applies :func:`cil._malloc.tune_malloc` (glibc allocator settings, 2-3x faster CPU training) unless
     ``CIL_NO_MALLOC_TUNING=1``. Without a ``config`` (Python API), ``config.yaml`` records the method's class and
@@ -392,6 +397,7 @@ class Engine:
         label_space: str = "seen",
         verbose: bool = False,
         feature_cache: str | Path | None = None,
+        loggers: Sequence[Logger] = (),
     ) -> None:
         method.set_protocol(protocol)  # validates the name and the method's support
         _check_task_kinds(method, stream, protocol)
@@ -423,6 +429,7 @@ class Engine:
         self.task_costs: list[dict[str, Any]] = []
         self.unchanged = UnchangedWeights(method)  # the weights as built, before any restore
         self.features = _FeatureCache(self, FeatureStore(feature_cache) if feature_cache is not None else None)
+        self.tracker = RunTracker(loggers) if loggers else None
         self.train_transform = build_transform(
             method.backbone.input_size, method.backbone.mean, method.backbone.std, train=self.data.augment
         )
@@ -458,14 +465,16 @@ class Engine:
     def _run_stream(self) -> dict[str, Any]:
         start = self._restore() if self.resume else self._check_fresh_out()
         self.progress = Progress(self.stream.tasks, start)
-        if start == 0 and is_rank_zero():
-            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
-            atomic_write_text(self.out / "stream.json", json.dumps(describe_stream(self.stream), indent=2, default=str))
-        for task in self.stream.tasks[start:]:
-            try:
-                self._run_task(task)
-            except (Interrupted, SIGTERMException) as error:  # SIGTERMException: Lightning's, if nobody else handles it
-                raise self._interrupted(task, error) from None
+        with self._tracked():
+            if start == 0 and is_rank_zero():
+                atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+                stream_json = json.dumps(describe_stream(self.stream), indent=2, default=str)
+                atomic_write_text(self.out / "stream.json", stream_json)
+            for task in self.stream.tasks[start:]:
+                try:
+                    self._run_task(task)
+                except (Interrupted, SIGTERMException) as error:  # Lightning's SIGTERMException, if nobody handles it
+                    raise self._interrupted(task, error) from None
         if start == len(self.stream) > 0 and is_rank_zero():  # a finished run resumed: restore what was lost since
             rebuilt = self._write_results(only_changed=True)
             if rebuilt:
@@ -473,6 +482,22 @@ class Engine:
                     "%s: every task is finished; rebuilt %s from the last checkpoint", self.out, ", ".join(rebuilt)
                 )
         return self.summary()
+
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """The trackers follow the run (:mod:`cil.tracking`): the config and any finished tasks (a resumed run) first,
+        the summary and the accuracy matrix last, also when the run stops early."""
+        if self.tracker is None or not is_rank_zero():
+            yield
+            return
+        self.tracker.start(self.config, self.config_hash)
+        self.tracker.replay(self.results, self.task_costs, len(self.stream), self.label_space, self.evaluate_future)
+        status = "failed"
+        try:
+            yield
+            status = "success"
+        finally:
+            self.tracker.finish(self.summary() if self.task_costs else None, self.out, status)
 
     def summary(self) -> dict[str, Any]:
         results, costs = pd.DataFrame(self.results), pd.DataFrame(self.task_costs)
@@ -503,6 +528,8 @@ class Engine:
         flops = _FlopSampler() if self.count_flops else None
         callbacks: list[Callback] = [counter] if flops is None else [counter, flops]
         trainer = self.trainer_factory(task.index, callbacks, method.trainer_overrides(task))
+        if self.tracker is not None:
+            self.tracker.attach(trainer)
         self.features.trainer = trainer
         self.features.images = 0
         if fits:
@@ -567,6 +594,8 @@ class Engine:
         if is_rank_zero():
             with signals_deferred():  # a signal here waits until the task is fully recorded
                 self._write(task)
+            if self.tracker is not None:
+                self.tracker.task_done(self.summary(), self.task_costs[-1])
         log.info("%s", self.progress.line(task, self.task_costs[-1], rows))
 
     def _consolidate(self, method: CILMethod, task: Task, data: Dataset[Any], callbacks: list[Callback]) -> None:
@@ -575,6 +604,8 @@ class Engine:
         try:
             overrides = {**method.trainer_overrides(task), "log_version": f"task_{task.index:03d}_consolidation"}
             trainer = self.trainer_factory(task.index, callbacks, overrides)
+            if self.tracker is not None:
+                self.tracker.attach(trainer)
             batch_size = method.consolidation_batch_size() or self.data.batch_size
             loader = make_loader(
                 Transformed(data, self.train_transform), batch_size, True, self.data.num_workers, _on_gpu(trainer)

@@ -20,7 +20,7 @@ Departures, each checked against their code:
 
 * Selection is per image at test time; the authors' CIFAR-100 config (and PILOT's, for both datasets) chooses
   batch-wise, the E-prompt most images of the batch chose serving all of them, which over a class-sorted test batch is
-  a vote on the task. ``batchwise_selection=True`` restores it, named for what it is (README: fair evaluation).
+  a vote on the task. ``batchwise_selection=True`` restores it, named for what it is (docs: fair evaluation).
 * Their E-prompt gather (``prompt[:, :, idx].reshape(...)`` without a permute, in the JAX code, the port and PILOT)
   mixes key and value prefixes across the images of a batch: image b of a batch of B gets the key prefix as both key
   and value if b < B / 2, else the value prefix twice (dualprompt-pytorch issue 8, LAMDA-PILOT issue 29). Here each

@@ -15,7 +15,7 @@ Departures, each checked against their code:
 
 * Selection is per image, at training and at test time. Their configs select batch-wise (the 5 prompts most chosen in
   the batch serve every image), also at test time over class-sorted test batches, which lets a batch vote on its task;
-  ``batchwise_selection=True`` restores it, named for what it is (README: fair evaluation).
+  ``batchwise_selection=True`` restores it, named for what it is (docs: fair evaluation).
 * The head grows by each task's classes (:class:`cil.heads.IncrementalLinear`, timm's truncated-normal init); theirs
   is one 100-class layer made at the start. Only the seen rows are ever scored or trained, so the two differ in the
   random draws of the rows, not in the distribution.

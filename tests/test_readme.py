@@ -1,11 +1,14 @@
-"""Following the README leaves the checkout clean: every file its commands write lands in a git-ignored folder."""
+"""Following the README (and the docs pages) leaves the checkout clean: every file their commands write lands in a
+git-ignored folder; and every ``cil`` command of the README parses."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -20,10 +23,13 @@ def _ignored(path: str) -> bool:
     return any(folder.rstrip("/") in parts[:-1] or Path(path).as_posix().startswith(folder) for folder in folders)
 
 
-def _readme_commands() -> list[list[str]]:
-    """The ``cil`` commands of the README's bash blocks, split into arguments (``&&`` chains split too, lines ending in
+DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def _readme_commands(document: Path = ROOT / "README.md") -> list[list[str]]:
+    """The ``cil`` commands of a document's bash blocks, split into arguments (``&&`` chains split too, lines ending in
     a backslash joined)."""
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", document.read_text(), flags=re.S)
     commands = []
     for line in "\n".join(blocks).replace("\\\n", " ").splitlines():  # continuation lines joined
         for part in line.split("#")[0].split("&&"):
@@ -48,16 +54,63 @@ def test_the_readme_has_commands_to_check() -> None:
     assert sum(words[1] == "run" for words in commands) >= 5 and any(words[1] == "plot" for words in commands)
 
 
-@pytest.mark.parametrize("words", _readme_commands(), ids=lambda words: " ".join(words[1:4]))
+def _all_commands() -> list[list[str]]:
+    """The ``cil`` commands of the README and of every docs page."""
+    return [words for document in DOCUMENTS for words in _readme_commands(document)]
+
+
+@pytest.mark.parametrize("words", _all_commands(), ids=lambda words: " ".join(words[1:4]))
 def test_readme_commands_write_only_into_ignored_folders(words: list[str]) -> None:
     path = _written_path(words)
     assert path is None or _ignored(path), f"`{' '.join(words)}` writes {path}, which git would show"
 
 
 def test_readme_commands_do_not_share_a_run_directory() -> None:
-    runs = [(_written_path(words), words) for words in _readme_commands() if words[1] == "run"]
-    fresh = [path for path, words in runs if path is not None and "--resume" not in words]
-    assert len(fresh) == len(set(fresh)), f"two README runs write the same directory: {sorted(fresh)}"
+    """Two different fresh runs never write one directory, within a page or across the README and the docs (the same
+    command may appear on several pages)."""
+    writers: dict[str, set[str]] = {}
+    for words in _all_commands():
+        path = _written_path(words) if words[1] == "run" and "--resume" not in words else None
+        if path is not None:
+            writers.setdefault(path, set()).add(" ".join(words))
+    shared = {path: sorted(commands) for path, commands in writers.items() if len(commands) > 1}
+    assert not shared, f"different runs write the same directory: {shared}"
+
+
+def test_the_docs_have_commands_to_check() -> None:
+    assert sum(len(_readme_commands(document)) for document in DOCUMENTS[1:]) >= 10
+
+
+class _ParsedError(Exception):
+    """Raised in place of running a command once its arguments parsed."""
+
+
+@pytest.mark.parametrize("words", _readme_commands(), ids=lambda words: " ".join(words[1:4]))
+def test_readme_commands_parse(
+    words: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every README ``cil`` command parses, in-process and without writing: ``cil run`` with ``--print_config`` (which
+    prints the resolved config and exits), the analysis commands up to their argument parser."""
+    from cil.cli import main
+
+    monkeypatch.chdir(ROOT)  # the commands name configs relative to the checkout
+    if words[1] == "run":
+        if "--help" in words:
+            pytest.skip("`cil run --help` prints the options, checked in tests/test_docs.py")
+        with pytest.raises(SystemExit) as exit_info:
+            main([*words[1:], "--print_config"])
+        assert exit_info.value.code == 0, capsys.readouterr().err
+        assert "method:" in capsys.readouterr().out
+        return
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> Any:
+        original(parser, *args, **kwargs)  # exits 2 on an unknown option or a bad value
+        raise _ParsedError
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(_ParsedError):
+        main(words[1:])
 
 
 @pytest.mark.parametrize("config", sorted((ROOT / "configs").rglob("*.yaml")), ids=lambda p: p.name)
