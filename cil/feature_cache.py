@@ -73,6 +73,8 @@ def sample_keys(dataset: Dataset[Any]) -> list[bytes] | None:
     Subsets (:class:`~cil.task.LabelMapped`, ``torch.utils.data.Subset``) take their parent's keys; in-memory
     arrays (:class:`~cil.data.ArrayDataset`, torchvision's CIFAR / MNIST ``data``) hash their pixels; datasets of
     files (``samples`` as ``(path, label)``: ImageFolder) hash each file's real path, size and modification time.
+    A dataset with a ``sample_keys()`` method gives its own (Hugging Face datasets: the dataset's fingerprint, HF's
+    id of its content and history, and the row).
     A dataset with its own ``transform`` set is not keyed: its images are not what the key would describe.
     """
     if isinstance(dataset, (LabelMapped, Subset)):
@@ -80,6 +82,9 @@ def sample_keys(dataset: Dataset[Any]) -> list[bytes] | None:
         return None if parent is None else [parent[i] for i in dataset.indices]
     if getattr(dataset, "transform", None) is not None:
         return None
+    own = getattr(dataset, "sample_keys", None)
+    if callable(own):  # a dataset that names its own samples (streams.hf.HFImages: HF's fingerprint and the row)
+        return own()
     if isinstance(dataset, ArrayDataset):
         return [_array_key(image) for image in dataset.images]
     samples = getattr(dataset, "samples", None)

@@ -1,5 +1,5 @@
 """Built-in streams; importing this package registers them (``cil.list_streams()`` does it on demand)."""
 
-from streams import domains, folders, nevis, offline
+from streams import domains, folders, hf, nevis, offline
 
-__all__ = ["domains", "folders", "nevis", "offline"]
+__all__ = ["domains", "folders", "hf", "nevis", "offline"]

@@ -5,6 +5,13 @@ Each reader turns a task spec and its data folder into :class:`SourceData`: the 
 multi-label datasets yield ``(image, multi-hot float tensor [K])`` and expose the multi-hot matrix. Readers never
 download: :func:`missing` says what is absent and what to put there before anything is loaded.
 
+``hf_dataset`` reads a Hugging Face dataset with :func:`streams.hf.read_hf`, as the ``hf_dataset`` stream does:
+``source.path`` is a ``save_to_disk`` folder or a folder / glob of parquet files relative to the task's folder
+(``<data root>/<root>``, or the data root when the task has no ``root``), or a hub name read from the local HF
+cache (``download: true`` lets it fetch); without ``source.path`` the task's folder is the dataset. Other keys:
+``train_split`` / ``test_split`` (``null``: no test split, the NEVIS split applies) / ``val_split``,
+``image_column``, ``label_column``, ``class_names``, ``revision``, ``cache_dir``.
+
 Offline sources (``type: offline``) are arrays that pip / apt packages ship, so a NEVIS-style stream runs here:
 
 ============================  ====================================================================================
@@ -82,8 +89,9 @@ class MultiHot(Dataset[tuple[Any, torch.Tensor]]):
 
 
 # ---- availability --------------------------------------------------------------------------------------------------
-def missing(source: dict[str, Any], path: Path | None) -> str | None:
-    """What is missing for ``source`` under ``path`` and how to provide it; None when it looks present."""
+def missing(source: dict[str, Any], path: Path | None, download: bool = False) -> str | None:
+    """What is missing for ``source`` under ``path`` and how to provide it; None when it looks present.
+    ``download``: the stream may download (an HF hub name need not be cached)."""
     kind = source.get("type")
     if kind == "offline":
         check = OFFLINE_SOURCES.get(str(source.get("name")))
@@ -91,6 +99,8 @@ def missing(source: dict[str, Any], path: Path | None) -> str | None:
             raise KeyError(f"unknown offline source {source.get('name')!r}; known: {sorted(OFFLINE_SOURCES)}")
         return check[0]()
     assert path is not None
+    if kind == "hf_dataset":
+        return _hf_missing(source, path, download)
     if path.is_dir() and any(path.iterdir()):
         return None
     hints = {
@@ -102,7 +112,7 @@ def missing(source: dict[str, Any], path: Path | None) -> str | None:
         "multilabel_csv": "images/ plus train.csv and test.csv with columns image,labels (labels space-separated)",
     }
     if kind not in hints:
-        raise KeyError(f"unknown source type {kind!r}; known: {sorted([*hints, 'offline'])}")
+        raise KeyError(f"unknown source type {kind!r}; known: {sorted([*hints, 'hf_dataset', 'offline'])}")
     return f"{str(path)!r} is missing or empty: put {hints[kind]}"
 
 
@@ -130,6 +140,7 @@ def _read(source: dict[str, Any], path: Path | None, download: bool) -> SourceDa
         "voc": _voc,
         "celeba": _celeba,
         "multilabel_csv": _multilabel_csv,
+        "hf_dataset": _hf_dataset,
     }
     return readers[kind](source, path, download)
 
@@ -250,6 +261,78 @@ def _multilabel_csv(source: dict[str, Any], path: Path, download: bool) -> Sourc
         files = [str(path / "images" / image) for image in frame["image"]]
         out[name], labels[name] = MultiHot(_Files(files, _pil_loader), multi_hot, lambda image: image), multi_hot
     return SourceData(train=out["train"], test=out["test"], class_names=names, labels=labels)
+
+
+HF_SOURCE_KEYS = (
+    "type", "path", "train_split", "test_split", "val_split", "image_column", "label_column", "class_names",
+    "revision", "cache_dir", "download",
+)  # fmt: skip
+
+
+def _hf_location(source: dict[str, Any], path: Path) -> tuple[str, Path | None]:
+    """``(path for streams.hf.read_hf, folder it is relative to)``: ``source.path`` relative to the task's folder
+    (``path``), or the task's folder itself. Unknown keys are refused: a mistyped column key would be ignored."""
+    unknown = sorted(set(source) - set(HF_SOURCE_KEYS))
+    if unknown:
+        raise KeyError(f"hf_dataset source: unknown key(s) {unknown}; valid keys: {list(HF_SOURCE_KEYS)}")
+    location = source.get("path")
+    return (str(path), None) if location is None else (str(location), path)
+
+
+def _hf_missing(source: dict[str, Any], path: Path, download: bool) -> str | None:
+    from streams.hf import INSTALL, locate
+
+    if (problem := _needs_package("datasets", INSTALL)()) is not None:
+        return problem
+    location, base = _hf_location(source, path)
+    if base is None:  # the task's folder: a save_to_disk folder or data files
+        if path.is_dir() and any(path.iterdir()):
+            return None
+        return (
+            f"{str(path)!r} is missing or empty: put a save_to_disk folder or parquet files there (or name the "
+            "dataset with source.path: a path relative to it, or a hub name)"
+        )
+    try:
+        kind, _ = locate(location, base)
+        if kind == "hub" and not (download or source.get("download")):
+            _hf_dataset(source, path, download)  # read from the cache: cheap (memory-mapped), and the only sure check
+    except FileNotFoundError as error:
+        return str(error)
+    return None
+
+
+def _hf_dataset(source: dict[str, Any], path: Path, download: bool) -> SourceData:
+    """A Hugging Face dataset (:func:`streams.hf.read_hf`): ``source.path`` is a save_to_disk folder, a folder or
+    glob of parquet files (relative to the task's folder) or a hub name; without it, the task's folder is the
+    dataset. ``test_split: null`` for a dataset without a test split (the NEVIS split applies); ``val_split``
+    names an official validation split."""
+    from streams.hf import read_hf
+
+    location, base = _hf_location(source, path)
+    if base is None and not path.exists():
+        raise FileNotFoundError(f"hf_dataset: {str(path)!r} does not exist; put a save_to_disk folder there")
+    splits = {"train": str(source.get("train_split", "train"))}
+    for ours, default in (("test", "test"), ("val", None)):
+        if (theirs := source.get(f"{ours}_split", default)) is not None:
+            splits[ours] = str(theirs)
+    images, names = read_hf(
+        location,
+        splits=splits,
+        image_column=str(source.get("image_column", "image")),
+        label_column=str(source.get("label_column", "label")),
+        class_names=source.get("class_names"),
+        revision=source.get("revision"),
+        cache_dir=source.get("cache_dir"),
+        download=download or bool(source.get("download")),
+        base=base,
+    )
+    return SourceData(
+        train=images["train"],
+        test=images.get("test"),
+        val=images.get("val"),
+        class_names=names,
+        labels={name: data.targets for name, data in images.items()},
+    )
 
 
 def _first(item: tuple[Any, Any]) -> Any:

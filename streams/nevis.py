@@ -75,7 +75,8 @@ class TaskSpec:
             raise ValueError(f"{where}: kind must be one of {TASK_KINDS}, got {spec.kind!r}")
         if spec.prompt is not None and str(spec.prompt).count("{}") != 1:
             raise ValueError(f"{where}: prompt must hold one {{}} for the class name, got {spec.prompt!r}")
-        if spec.source.get("type") != "offline" and spec.root is None:
+        named = spec.source.get("type") == "hf_dataset" and spec.source.get("path") is not None
+        if spec.source.get("type") != "offline" and spec.root is None and not named:
             raise KeyError(f"{where}: task {spec.dataset!r} needs a 'root' (its folder under the data root)")
         return spec
 
@@ -121,7 +122,7 @@ def build_task_stream(
     wanted = [spec for spec in specs if stop_year is None or spec.year < stop_year]  # type: ignore[operator]
     absent: list[tuple[TaskSpec, str]] = []
     for spec in wanted:
-        problem = missing(spec.source, data_root / spec.root if spec.root is not None else None)
+        problem = missing(spec.source, _task_path(spec, data_root), download)
         if problem is not None:
             absent.append((spec, problem))
     required = [(spec, problem) for spec, problem in absent if not spec.optional]
@@ -140,8 +141,7 @@ def build_task_stream(
     for spec in wanted:
         if id(spec) in skipped:
             continue
-        path = data_root / spec.root if spec.root is not None else None
-        source = read_source(spec.source, path, download=download)
+        source = read_source(spec.source, _task_path(spec, data_root), download=download)
         task_name = _unique(_slug(spec.dataset) + (f"_{spec.year}" if spec.year is not None else ""), names)
         task, n_dropped = _make_task(spec, source, len(tasks), task_name, sum(t.num_classes for t in tasks), mode,
                                      split_seed, train_per_class, test_per_class)  # fmt: skip
@@ -161,6 +161,14 @@ def build_task_stream(
         "dropped_test_images": dropped,
     }
     return Stream(name=name, tasks=tuple(tasks), metadata=metadata)
+
+
+def _task_path(spec: TaskSpec, data_root: Path) -> Path | None:
+    """The task's folder, ``<data root>/<root>``; the data root for an HF source named by ``source.path`` alone (a
+    hub name, or a path relative to the data root); None for an offline source."""
+    if spec.root is not None:
+        return data_root / spec.root
+    return data_root if spec.source.get("type") == "hf_dataset" else None
 
 
 # ---- one task ------------------------------------------------------------------------------------------------------
@@ -400,6 +408,13 @@ def dataset_stream(
           tasks:
             - {dataset: leaves, year: 2012, root: leaves}      # leaves/<class>/*.jpg (split by the NEVIS rule)
             - {dataset: insects, year: 2019, root: insects}    # insects/{train,test}/<class>/*.jpg
+            - {dataset: birds, year: 2021, root: birds_hf, source: {type: hf_dataset}}  # a save_to_disk folder
+            - dataset: food
+              year: 2022
+              source: {type: hf_dataset, path: ethz/food101, test_split: validation}  # a hub name, if cached
+
+    An ``hf_dataset`` source (:mod:`streams.hf`) reads ``<root>/<root of the task>`` or, with ``source.path``, that
+    path relative to it (the data root when the task has no ``root``), else that hub name from the HF cache.
     """
     specs = [TaskSpec.parse(dict(t), f"stream.tasks[{i}]") for i, t in enumerate(tasks)]
     if not keep_order:
