@@ -326,3 +326,37 @@ def test_cil_run_over_an_hf_stream(tmp_path: Path) -> None:
     assert sorted(set(zip(results["train_task"], results["eval_task"], strict=True))) == [(0, 0), (1, 0), (1, 1)]
     assert results["n_test"].sum() == 3 * 4  # task 0 scored twice, task 1 once, 4 test images each
     assert "name: hf_dataset" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_the_readme_yaml_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's hf_dataset + tracker block, with only its dataset path and W&B folder pointed at this test's
+    files: a 20-class dataset with the README's column names, B0-Inc10, a W&B run kept offline."""
+    pytest.importorskip("wandb")
+    import re
+
+    import yaml
+
+    [block] = [b for b in re.findall(r"```yaml\n(.*?)```", (ROOT / "README.md").read_text(), re.S) if "hf_dataset" in b]
+    config = yaml.safe_load(block)
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(num_classes=20)})
+
+    def split(per_class: int) -> Any:
+        pixels = [np.full((6, 6, 3), 12 * c + i, np.uint8) for c in range(20) for i in range(per_class)]
+        labels = [c for c in range(20) for _ in range(per_class)]
+        rows = {"img": [Image.fromarray(p) for p in pixels], "fine_label": labels}
+        return datasets.Dataset.from_dict(rows, features=features)
+
+    data = datasets.DatasetDict({"train": split(2), "test": split(1)})
+    config["stream"]["path"] = str(_saved(tmp_path, data, "cifar100_hf"))
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "wandb")
+    (tmp_path / "readme.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    quickstart = str(ROOT / "configs/experiments/quickstart.yaml")
+    # the tiny overrides first: the README block's stream replaces their tiny one
+    arguments = ["run", "--config", quickstart, "--config", TINY, "--config", str(tmp_path / "readme.yaml")]
+    assert main([*arguments, "--out", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["complete"] and summary["num_tasks"] == 2 and summary["stream"] == "cifar100_hf"
+    assert len(list((tmp_path / "wandb").rglob("run-*.wandb"))) == 1
