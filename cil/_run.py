@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import Logger
 
 from cil._distributed import is_rank_zero
 from cil.backbones import Backbone
@@ -317,7 +316,7 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
         count_flops=bool(cli.config["count_flops"]),
         feature_cache=cli.config["feature_cache"],
         retention=build_stream(config["retention"], seed=seed) if config.get("retention") else None,
-        loggers=trackers,
+        trackers=trackers,
     )
     summary = engine.run()
     if not is_rank_zero():  # several processes: one report
@@ -330,19 +329,12 @@ def run_one(args: list[str], sweep_seed: int | None = None) -> int:
     return 0
 
 
-def _trackers(value: Any) -> list[Logger]:
-    """``trainer.logger`` of the config: Lightning loggers (``class_path`` + ``init_args``, one or a list) that follow
-    the whole run (:mod:`cil.tracking`). Per-task logs in OUT/logs are ``--logger``'s."""
+def _trackers(value: Any) -> list[Any]:
+    """``trainer.logger`` of the config as a list: Lightning loggers (``class_path`` + ``init_args``) that follow the
+    whole run (:class:`cil.tracking.RunTracker` checks them). Per-task logs in OUT/logs are ``--logger``'s."""
     if value in (None, False):
         return []
-    loggers = list(value) if isinstance(value, list | tuple) else [value]
-    if value is True or not all(isinstance(logger, Logger) for logger in loggers):
-        raise ValueError(
-            f"trainer.logger must be a Lightning logger such as {{class_path: lightning.pytorch.loggers.WandbLogger, "
-            f"init_args: {{project: cil}}}} (or a list of them), got {value!r}; per-task logs in OUT/logs are "
-            "--logger csv|tensorboard|none"
-        )
-    return loggers
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _check_stream_options(spec: Any, key: str) -> None:

@@ -333,6 +333,9 @@ def _one_line(error: BaseException) -> str:
         " -\n"
     ):  # union errors embed the whole namespace (a model's repr): keep the cause
         text = cause.group(1)
+        key = re.search(r'^Parser key "([^"]+)"', original)
+        if key and key.group(1) not in text:  # `trainer.logger: Import path torch.nn.Linear does not correspond ...`
+            text = f"{key.group(1)}: {_BULLET.sub('', text.strip())}"
     elif isinstance(error, argparse.ArgumentError):
         union = _union_error(text)
         if union is not None:
@@ -349,7 +352,7 @@ def _one_line(error: BaseException) -> str:
     return " ".join(lines)
 
 
-_BULLET = re.compile(r"^\s*- ")  # jsonargparse's list bullets; a value's own minus sign (`-5 is not ...`) stays
+_BULLET = re.compile(r"^\s*-(\s|$)")  # jsonargparse's list bullets; a value's own minus sign (`-5 is not`) stays
 
 
 def _union_error(text: str) -> str | None:

@@ -93,16 +93,22 @@ _LATER_GROUP_KEY_DEFAULTS = {"backbone": {"channels_last": True, "compile": Fals
 def config_hash(config: dict[str, Any]) -> str:
     """A stable hash of everything in ``config`` that can change a run's results."""
     relevant = {
-        k: v
-        for k, v in config.items()
-        if k not in _RUN_CONTROL_KEYS and not (k in _LATER_KEY_DEFAULTS and v == _LATER_KEY_DEFAULTS[k])
+        k: v for k, v in identity(config).items() if not (k in _LATER_KEY_DEFAULTS and v == _LATER_KEY_DEFAULTS[k])
     }
-    if isinstance(relevant.get("trainer"), dict):
-        relevant["trainer"] = {k: v for k, v in relevant["trainer"].items() if k not in _TRAINER_DISPLAY_KEYS}
     for group, defaults in _LATER_GROUP_KEY_DEFAULTS.items():
         if isinstance(relevant.get(group), dict):
             relevant[group] = {k: v for k, v in relevant[group].items() if k not in defaults or v != defaults[k]}
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def identity(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without what does not change a run's numbers: the run-control keys (``out``, ``resume``, ...) and
+    the trainer's display keys (progress bars, logging, trackers). What a tracker gets as hyper-parameters: the same
+    for a run and its resumption."""
+    kept = {k: v for k, v in config.items() if k not in _RUN_CONTROL_KEYS}
+    if isinstance(kept.get("trainer"), dict):
+        kept["trainer"] = {k: v for k, v in kept["trainer"].items() if k not in _TRAINER_DISPLAY_KEYS}
+    return kept
 
 
 def make_trainer_factory(
@@ -123,7 +129,7 @@ def make_trainer_factory(
     user_callbacks = list(kwargs.pop("callbacks", None) or [])
     for reserved in ("logger", "enable_checkpointing", "default_root_dir"):
         if reserved in kwargs and kwargs[reserved] not in (None, False):
-            where = "trackers are Engine(loggers=[...]); " if reserved == "logger" else ""
+            where = "trackers are Engine(trackers=[...]); " if reserved == "logger" else ""
             raise ValueError(f"trainer.{reserved} is managed by the engine ({where}per-task logs, atomic checkpoints)")
         kwargs.pop(reserved, None)
     if logger not in {"csv", "tensorboard", "none"}:
@@ -191,10 +197,15 @@ def _trainer_error(arguments: dict[str, Any], error: BaseException) -> str:
 
 
 class _ImageCounter(Callback):
-    """Counts training images so that throughput is exact whatever the epoch / step limits."""
+    """Counts training images so that throughput is exact whatever the epoch / step limits, and optimiser steps
+    (every fit of the task)."""
 
     def __init__(self) -> None:
         self.images = 0
+        self.steps = 0
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self.steps += trainer.global_step
 
     def on_train_batch_end(
         self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, i: int
@@ -368,9 +379,9 @@ class Engine:
         feature_cache: A folder of frozen embeddings shared by runs (:mod:`cil.feature_cache`): images another run,
             seed or method already embedded with the same weights, transform and precision are read, not embedded
             again. One process only.
-        loggers: Experiment trackers (Lightning loggers: ``WandbLogger``, ``MLFlowLogger``, ...) that follow the whole
-            run as one tracker run: the config, every fit's training metrics, each task's accuracies, the summary
-            and the accuracy matrix (:mod:`cil.tracking`).
+        trackers: Lightning loggers (``WandbLogger``, ``MLFlowLogger``, ...) that follow the whole run as one tracker
+            run: the config, every fit's training metrics, each task's accuracies, the summary and the accuracy
+            matrix (:mod:`cil.tracking`). The Trainers' own per-task logs are the ``trainer_factory``'s.
 
     A run applies :func:`cil._malloc.tune_malloc` (glibc allocator settings, 2-3x faster CPU training) unless
     ``CIL_NO_MALLOC_TUNING=1``. Without a ``config`` (Python API), ``config.yaml`` records the method's class and
@@ -397,7 +408,7 @@ class Engine:
         label_space: str = "seen",
         verbose: bool = False,
         feature_cache: str | Path | None = None,
-        loggers: Sequence[Logger] = (),
+        trackers: Sequence[Logger] = (),
     ) -> None:
         method.set_protocol(protocol)  # validates the name and the method's support
         _check_task_kinds(method, stream, protocol)
@@ -429,7 +440,7 @@ class Engine:
         self.task_costs: list[dict[str, Any]] = []
         self.unchanged = UnchangedWeights(method)  # the weights as built, before any restore
         self.features = _FeatureCache(self, FeatureStore(feature_cache) if feature_cache is not None else None)
-        self.tracker = RunTracker(loggers) if loggers else None
+        self.tracker = RunTracker(trackers) if trackers else None
         self.train_transform = build_transform(
             method.backbone.input_size, method.backbone.mean, method.backbone.std, train=self.data.augment
         )
@@ -458,23 +469,24 @@ class Engine:
         self._check_out_is_writable()
         self._refuse_unsupported_distributed()  # builds task 0's Trainer: bad trainer options stop the run here
         with contextlib.ExitStack() as writing:
-            if is_rank_zero():  # the one writer; a second run into this --out is refused here
-                writing.enter_context(exclusive_run_directory(self.out))
+            if is_rank_zero():
+                writing.enter_context(self._tracked())  # trackers start before anything is written
+                writing.enter_context(exclusive_run_directory(self.out))  # the one writer; a second one is refused
             return self._run_stream()
 
     def _run_stream(self) -> dict[str, Any]:
         start = self._restore() if self.resume else self._check_fresh_out()
         self.progress = Progress(self.stream.tasks, start)
-        with self._tracked():
-            if start == 0 and is_rank_zero():
-                atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
-                stream_json = json.dumps(describe_stream(self.stream), indent=2, default=str)
-                atomic_write_text(self.out / "stream.json", stream_json)
-            for task in self.stream.tasks[start:]:
-                try:
-                    self._run_task(task)
-                except (Interrupted, SIGTERMException) as error:  # Lightning's SIGTERMException, if nobody handles it
-                    raise self._interrupted(task, error) from None
+        if self.tracker is not None and is_rank_zero():
+            self.tracker.replay(self.results, self.task_costs, len(self.stream), self.label_space, self.evaluate_future)
+        if start == 0 and is_rank_zero():
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.config, sort_keys=False))
+            atomic_write_text(self.out / "stream.json", json.dumps(describe_stream(self.stream), indent=2, default=str))
+        for task in self.stream.tasks[start:]:
+            try:
+                self._run_task(task)
+            except (Interrupted, SIGTERMException) as error:  # SIGTERMException: Lightning's, if nobody else handles it
+                raise self._interrupted(task, error) from None
         if start == len(self.stream) > 0 and is_rank_zero():  # a finished run resumed: restore what was lost since
             rebuilt = self._write_results(only_changed=True)
             if rebuilt:
@@ -485,13 +497,16 @@ class Engine:
 
     @contextlib.contextmanager
     def _tracked(self) -> Iterator[None]:
-        """The trackers follow the run (:mod:`cil.tracking`): the config and any finished tasks (a resumed run) first,
-        the summary and the accuracy matrix last, also when the run stops early."""
-        if self.tracker is None or not is_rank_zero():
+        """The trackers follow the run (:mod:`cil.tracking`): its config before anything is written (a tracker that
+        cannot start stops the run there), the summary and the accuracy matrix at the end, also when the run stops
+        early. A run resumed after its last task makes no tracker run: it trains and logs nothing."""
+        finished = self.resume and self._checkpoint_path(len(self.stream) - 1).is_file()
+        if self.tracker is None or finished:
             yield
             return
-        self.tracker.start(self.config, self.config_hash)
-        self.tracker.replay(self.results, self.task_costs, len(self.stream), self.label_space, self.evaluate_future)
+        if not self.resume:
+            self._check_fresh_out()  # a forgotten --resume is refused before it makes a tracker run
+        self.tracker.start(identity(self.config), self.config_hash)
         status = "failed"
         try:
             yield
@@ -580,6 +595,7 @@ class Engine:
                 "wall_s": round(fit_s + eval_s, 3),  # the run's cost: scoring the future is extra, below
                 **({"future_eval_s": round(future_s, 3)} if self.evaluate_future else {}),
                 "train_images": train_images,
+                "train_steps": counter.steps,
                 "eval_images": sum(len(t.test) for t in seen_tasks),  # type: ignore[arg-type, misc]
                 "trainable_params": trainable,
                 "train_flops": train_flops,

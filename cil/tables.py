@@ -46,7 +46,9 @@ _SEED_LIKE = (
     *("config.seed_everything", "config.out", "config.resume", "config.logger", "config.keep_checkpoints"),
     *("config.feature_cache", "config.quiet", "config.count_flops"),
 )
-_DESCRIPTIVE_PREFIXES = ("config.reported", "config.trainer.enable_", "config.trainer.log_every_n_steps")
+_DESCRIPTIVE_PREFIXES = (
+    "config.reported", "config.trainer.enable_", "config.trainer.log_every_n_steps", "config.trainer.logger"
+)  # fmt: skip
 
 OURS, PAPER = "cil", "paper"
 

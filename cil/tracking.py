@@ -18,8 +18,10 @@ What a tracker gets from a run, besides the training metrics the method logs:
   tracker has tables (a W&B table, an MLflow table artifact with the run directory's result files, a TensorBoard
   text).
 
-A resumed run logs its finished tasks again first, so a fresh tracker run is complete. The run directory stays the
-record: a tracker that fails after the start (a lost connection) is reported once and the run goes on.
+A resumed run's training steps go on after the finished tasks', and a tracker that starts a new run gets the finished
+tasks' numbers first, so it is complete (one given the id of the run it continues does not). The run directory stays
+the record: a tracker that fails after the start (a lost connection) is reported once, the run goes on, and the
+tracker is still finalized.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class _FitLogger(Logger):
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         step = self.base + (step or 0)
-        self.tracker.next_step = max(self.tracker.next_step, step + 1)
+        self.tracker.advance(step + 1)
         self.tracker.guarded(self.inner, self.inner.log_metrics, metrics, step=step)
 
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
@@ -110,7 +112,7 @@ class _FitLogger(Logger):
     def finalize(self, status: str) -> None:
         """Not passed on (every fit ends with ``finalize("success")``; the run finalizes once, with its own status);
         the next fit's steps start after this one's, logged or not."""
-        self.tracker.next_step = max(self.tracker.next_step, self.base + self.trainer.global_step)
+        self.tracker.advance(self.base + self.trainer.global_step)
 
 
 class RunTracker:
@@ -121,24 +123,28 @@ class RunTracker:
         for logger in self.loggers:
             if not isinstance(logger, Logger):
                 raise ValueError(
-                    "trainer.logger must be Lightning loggers ({class_path: lightning.pytorch.loggers.WandbLogger, "
-                    f"init_args: {{...}}}}), got {logger!r}"
+                    "trainer.logger must be a Lightning logger such as {class_path: "
+                    f"lightning.pytorch.loggers.WandbLogger, init_args: {{project: cil}}}} (or a list of them), got "
+                    f"{logger!r}; per-task logs in OUT/logs are --logger csv|tensorboard|none"
                 )
         self.next_step = 0  # the first step of the next fit: training curves of consecutive tasks follow each other
+        self.started: list[Logger] = []
         self._failed: set[int] = set()
 
-    def start(self, config: Mapping[str, Any], config_hash: str) -> None:
-        """Logs the resolved config; a logger that cannot start (bad URI, missing package) stops the run here, before
-        anything trains."""
+    def start(self, hyperparameters: Mapping[str, Any], config_hash: str) -> None:
+        """Logs the run's config; a logger that cannot start (bad URI, missing package) stops the run here, before
+        anything is written, and the loggers already started end as failed."""
         for logger in self.loggers:
             try:
                 if isinstance(logger, WandbLogger):  # per-task numbers against the task index, not W&B's own step
                     for pattern in ("eval/*", "cost/*"):
                         logger.experiment.define_metric(pattern, step_metric="task")
-                logger.log_hyperparams({**config, "config_hash": config_hash})
+                logger.log_hyperparams({**hyperparameters, "config_hash": config_hash})
             except Exception as error:  # any tracker's own error type
+                self.finish(None, None, "failed")
                 reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
                 raise ValueError(f"trainer.logger {type(logger).__name__} could not start: {reason}") from error
+            self.started.append(logger)
 
     def attach(self, trainer: Trainer) -> None:
         """Adds a view of every tracker to ``trainer`` (one fit), after the trainer's own per-task logger."""
@@ -152,36 +158,54 @@ class RunTracker:
         label_space: str,
         evaluate_future: bool,
     ) -> None:
-        """Logs the tasks a resumed run finished before (its ``results.csv`` rows and ``tasks.csv`` rows), as
-        :meth:`task_done` logged them then."""
+        """For a resumed run: its training steps go on after the finished tasks' (``train_steps`` of ``tasks.csv``),
+        and a tracker that starts a new run gets the finished tasks' numbers first, as :meth:`task_done` logged
+        them then (a tracker given the id of the run it continues already has them)."""
+        self.next_step = sum(int(cost.get("train_steps") or 0) for cost in costs)
+        fresh = [logger for logger in self.started if not _continues(logger)]
         frame = pd.DataFrame(list(results))
-        for cost in costs:
+        for cost in costs if fresh else ():
             seen = frame[frame["train_task"] <= cost["task"]]
             summary = summarize(seen, pd.DataFrame(list(costs[: int(cost["task"]) + 1])), num_tasks, label_space,
                                 evaluate_future)  # fmt: skip
-            self.task_done(summary, cost)
+            self.task_done(summary, cost, fresh)
 
-    def task_done(self, summary: Mapping[str, Any], cost: Mapping[str, Any]) -> None:
+    def task_done(
+        self, summary: Mapping[str, Any], cost: Mapping[str, Any], loggers: Sequence[Logger] | None = None
+    ) -> None:
         """Logs task ``cost["task"]``'s numbers at that task's index (see :func:`task_metrics`)."""
         metrics, step = task_metrics(summary, cost), int(cost["task"])
-        for logger in self.loggers:
+        for logger in self.started if loggers is None else loggers:
             if isinstance(logger, WandbLogger):  # Lightning's log_metrics would set trainer/global_step to the task
                 self.guarded(logger, _wandb_log, logger, metrics)
             else:
                 self.guarded(logger, logger.log_metrics, metrics, step=step)
 
-    def finish(self, summary: Mapping[str, Any] | None, out: Path, status: str = "success") -> None:
+    def finish(self, summary: Mapping[str, Any] | None, out: Path | None, status: str = "success") -> None:
         """The summary as ``summary/*`` metrics and the accuracy matrix as a table (where the run has results), then
-        each logger's ``finalize`` once; W&B's run is closed so that the next run of this process gets its own."""
+        each logger's ``finalize`` once, also after a failure: W&B's run is closed so that the next run of this
+        process (the next seed) gets its own."""
         final = {} if summary is None else {f"summary/{key}": v for key, v in _numbers(summary).items()}
         step = 0 if summary is None else max(int(summary["finished_tasks"]) - 1, 0)
-        for logger in self.loggers:
-            if summary is not None:
-                publish = next((f for kind, f in _PUBLISH.items() if isinstance(logger, kind)), _publish_metrics)
-                self.guarded(logger, publish, logger, final, step, out, summary)
+        for logger in self.started:
+            if summary is not None and out is not None:
+                if isinstance(logger, WandbLogger):  # the run's summary, not one more history row
+                    self.guarded(logger, _wandb_summary, logger, final)
+                else:
+                    self.guarded(logger, logger.log_metrics, final, step=step)
+                table = next((f for kind, f in _TABLES.items() if isinstance(logger, kind)), None)
+                if table is not None:
+                    self.guarded(logger, table, logger, summary, out)
+            self._failed.discard(id(logger))  # closing is tried whatever failed before
             self.guarded(logger, logger.finalize, status)
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:  # no run made just to close it
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                self._failed.discard(id(logger))
                 self.guarded(logger, _wandb_finish, logger, status)
+        self.started = []
+
+    def advance(self, step: int) -> None:
+        """A fit reached ``step`` (stream-wide): the next fit starts after it."""
+        self.next_step = max(self.next_step, step)
 
     def guarded(self, logger: Logger, action: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
         """Runs ``action(*args, **kwargs)`` for ``logger``; a tracker's failure is logged once and the run goes on:
@@ -199,15 +223,28 @@ class RunTracker:
             )
 
 
+def _continues(logger: Logger) -> bool:
+    """Whether ``logger`` was given the id of an existing tracker run to continue (W&B ``id``, MLflow ``run_id``)."""
+    if isinstance(logger, WandbLogger):
+        return logger._wandb_init.get("id") is not None  # Lightning keeps the init arguments there
+    if isinstance(logger, MLFlowLogger):
+        return logger._run_id is not None  # set at init only when given
+    return False
+
+
 def _wandb_log(logger: WandbLogger, metrics: dict[str, float]) -> None:
     logger.experiment.log(metrics)
+
+
+def _wandb_summary(logger: WandbLogger, final: dict[str, float]) -> None:
+    logger.experiment.summary.update(final)
 
 
 def _wandb_finish(logger: WandbLogger, status: str) -> None:
     logger.experiment.finish(exit_code=int(status != "success"))
 
 
-# ---- tables and files, per tracker -------------------------------------------------------------------------------
+# ---- the accuracy matrix as a table, per tracker -----------------------------------------------------------------
 def _matrix_rows(summary: Mapping[str, Any], out: Path) -> tuple[list[str], list[list[Any]]]:
     """The accuracy matrix as ``after task, R[i, 0], ..., R[i, T-1]`` rows, read from the run's own CSV file."""
     matrix = pd.read_csv(out / "accuracy_matrix.csv", index_col=0)
@@ -217,18 +254,13 @@ def _matrix_rows(summary: Mapping[str, Any], out: Path) -> tuple[list[str], list
     return columns, rows
 
 
-def _publish_metrics(logger: Logger, final: dict[str, float], step: int, out: Path, summary: Any) -> None:
-    logger.log_metrics(final, step=step)
-
-
-def _publish_wandb(logger: WandbLogger, final: dict[str, float], step: int, out: Path, summary: Any) -> None:
+def _wandb_table(logger: WandbLogger, summary: Mapping[str, Any], out: Path) -> None:
     columns, rows = _matrix_rows(summary, out)
     logger.log_table(key="accuracy_matrix", columns=columns, data=rows)
-    logger.experiment.summary.update(final)
 
 
-def _publish_mlflow(logger: MLFlowLogger, final: dict[str, float], step: int, out: Path, summary: Any) -> None:
-    logger.log_metrics(final, step=step)
+def _mlflow_table(logger: MLFlowLogger, summary: Mapping[str, Any], out: Path) -> None:
+    """The matrix as a table artifact, and the run directory's result files under ``run/``."""
     columns, rows = _matrix_rows(summary, out)
     run_id = logger.run_id
     logger.experiment.log_table(run_id, data=pd.DataFrame(rows, columns=columns), artifact_file="accuracy_matrix.json")
@@ -237,10 +269,7 @@ def _publish_mlflow(logger: MLFlowLogger, final: dict[str, float], step: int, ou
             logger.experiment.log_artifact(run_id, str(out / name), artifact_path="run")
 
 
-def _publish_tensorboard(
-    logger: TensorBoardLogger, final: dict[str, float], step: int, out: Path, summary: Any
-) -> None:
-    logger.log_metrics(final, step=step)
+def _tensorboard_table(logger: TensorBoardLogger, summary: Mapping[str, Any], out: Path) -> None:
     columns, rows = _matrix_rows(summary, out)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join("" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row) + " |"
@@ -248,9 +277,9 @@ def _publish_tensorboard(
     logger.experiment.add_text("accuracy_matrix", "\n".join(lines))
 
 
-_PUBLISH: dict[type, Callable[..., None]] = {
-    WandbLogger: _publish_wandb,
-    MLFlowLogger: _publish_mlflow,
-    TensorBoardLogger: _publish_tensorboard,
+_TABLES: dict[type, Callable[[Any, Mapping[str, Any], Path], None]] = {
+    WandbLogger: _wandb_table,
+    MLFlowLogger: _mlflow_table,
+    TensorBoardLogger: _tensorboard_table,
 }
-"""How a run's end reaches a tracker that has tables or files (others get the ``summary/*`` metrics only)."""
+"""How the accuracy matrix reaches a tracker that has tables (others get the ``summary/*`` metrics only)."""

@@ -9,6 +9,7 @@ import logging
 import struct
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import pandas as pd
 import pytest
@@ -17,6 +18,7 @@ from lightning.pytorch.loggers import Logger
 
 from cil.cli import main
 from cil.engine import Engine, config_hash
+from cil.tables import _check_groups_differ_only_in_seed
 from methods.finetune import Finetune
 from tests.conftest import TINY_DATA, cpu_trainers, crash_during, tiny_backbone, tiny_stream
 
@@ -66,6 +68,7 @@ class RecordingLogger(Logger):
 
 
 def _engine(out: Path, loggers: list[Logger], method: Finetune | None = None, **engine: Any) -> Engine:
+    engine.setdefault("config", {"test": "tracking"})
     return Engine(
         method or Finetune(tiny_backbone()),
         tiny_stream(increment=4),  # 3 tasks: 4, 4 and 2 classes
@@ -73,8 +76,7 @@ def _engine(out: Path, loggers: list[Logger], method: Finetune | None = None, **
         trainer_factory=cpu_trainers(out),
         data=TINY_DATA,
         seed=7,
-        config={"test": "tracking"},
-        loggers=loggers,
+        trackers=loggers,
         **engine,
     )
 
@@ -171,6 +173,78 @@ def test_cli_takes_any_lightning_logger_by_class_path(tmp_path: Path) -> None:
     assert logged["eval/seen_acc"].dropna().tolist() == summary["seen_accuracy"]
     steps = logged.dropna(subset=["train/loss_step"])["step"].tolist()
     assert steps == sorted(set(steps)) and len(steps) == 8  # 2 fits of max_steps_per_fit 4 steps, one after another
+
+
+def test_a_tracker_that_cannot_start_ends_the_ones_already_started_as_failed(tmp_path: Path) -> None:
+    started, broken = RecordingLogger(), RecordingLogger(fail_on="hyperparams")
+    with pytest.raises(ValueError, match="could not start"):
+        _engine(tmp_path / "run", [started, broken]).run()
+    assert started.calls[-1] == ("finalize", "failed", None) and not (tmp_path / "run").exists()
+
+
+def test_a_forgotten_resume_is_refused_before_it_makes_a_tracker_run(tmp_path: Path) -> None:
+    _engine(tmp_path, []).run()
+    late = RecordingLogger()
+    with pytest.raises(FileExistsError, match="--resume"):
+        _engine(tmp_path, [late]).run()
+    assert late.calls == []
+
+
+def test_hyperparameters_are_what_identifies_the_run(tmp_path: Path) -> None:
+    """Run-control keys (out, resume, ...) and trackers stay out: a resumed run logs the same hyper-parameters, which
+    MLflow requires (it refuses a changed parameter)."""
+    config = {"out": str(tmp_path), "resume": False, "stream": {"name": "x"}, "trainer": {"max_epochs": 1}}
+    config["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.MLFlowLogger"}
+    tracker = RecordingLogger()
+    _engine(tmp_path, [tracker], config=config).run()
+    assert tracker.calls[0][1] == {"stream": {"name": "x"}, "trainer": {"max_epochs": 1}, "config_hash": ANY}
+
+
+def test_a_class_path_that_is_not_a_logger_is_named_in_the_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Was `cil run: error: - (`cil run --help` lists the options)`."""
+    assert (
+        main(_cli(tmp_path, {"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 3}})) != 0
+    )
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "torch.nn.Linear" in error and not error.startswith("cil run: error: -")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tracker_that_failed_mid_run_is_still_finalized_with_the_run_status(tmp_path: Path) -> None:
+    """A W&B run left open after one failed call is reused by the next run of the process (the next seed)."""
+    broken = RecordingLogger(fail_on="metrics")
+    _engine(tmp_path, [broken]).run()
+    assert [call for call in broken.calls if call[0] == "finalize"] == [("finalize", "success", None)]
+
+
+def test_a_resumed_run_continues_the_training_steps(tmp_path: Path) -> None:
+    full = RecordingLogger()
+    _engine(tmp_path / "full", [full]).run()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _engine(tmp_path / "r", [RecordingLogger()], method=crash_during(Finetune(tiny_backbone()), 2)).run()
+    resumed = RecordingLogger()
+    _engine(tmp_path / "r", [resumed], resume=True).run()
+    last = [step for step, _ in full.metrics("train/loss_step")][-len(resumed.metrics("train/loss_step")) :]
+    assert [step for step, _ in resumed.metrics("train/loss_step")] == last
+
+
+def test_a_finished_seed_of_a_sweep_makes_no_new_tracker_run(tmp_path: Path) -> None:
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path / "csv")}}
+    args = [*_cli(tmp_path, logger), "--seeds", "1993"]
+    assert main(args) == 0 and main(args) == 0  # the second sweep skips the finished seed
+    assert len(list((tmp_path / "csv").rglob("metrics.csv"))) == 1
+
+
+def test_cil_table_averages_seeds_that_differ_only_in_their_tracker() -> None:
+    frame = pd.DataFrame(
+        {
+            "method": ["finetune"] * 2,
+            "stream": ["s"] * 2,
+            "seed": [1993, 1994],
+            "config.trainer.logger.init_args.name": ["seed-1993", "seed-1994"],
+        }
+    )
+    _check_groups_differ_only_in_seed(frame, ["method", "stream"])
 
 
 # ---- W&B offline and MLflow's local file store: what reaches the real trackers -----------------------------------
