@@ -127,3 +127,20 @@ def test_notebooks_write_their_figures_into_an_ignored_folder() -> None:
         for default in re.findall(r'os\.environ\.get\("CIL_FIGURES", "([^"]+)"\)', source):
             written = (notebook.parent / default).resolve().relative_to(ROOT)  # notebooks run in their folder
             assert _ignored(f"{written.as_posix()}/figure.png"), f"{notebook.name} writes figures to {written}"
+
+
+@pytest.mark.slow
+def test_the_readme_python_block_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python API block as written (the offline EfficientNet-Lite0 and Animal-MNIST), with two changes
+    only: a few images per class, and its run directory in this test's folder."""
+    pytest.importorskip("onnx")
+    [block] = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    small = '"increment": 2, "train_per_class": 4, "test_per_class": 4}'
+    assert block.count('"increment": 2}') == 1 and block.count('"runs/api"') == 1, "update this test with the README"
+    code = block.replace('"increment": 2}', small).replace('"runs/api"', repr(str(tmp_path / "api")))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    summary = namespace["summary"]
+    assert summary["complete"] and summary["num_tasks"] == 5 and summary["method"] == "simplecil"
+    assert (tmp_path / "api" / "summary.json").is_file()
