@@ -346,3 +346,24 @@ def test_mlflow_file_store_run_holds_the_summary_and_the_run_files(
     assert (run / "artifacts" / "run" / "summary.json").read_text() == (tmp_path / "run" / "summary.json").read_text()
     table = json.loads((run / "artifacts" / "accuracy_matrix.json").read_text())
     assert len(table["data"]) == 2 and table["columns"][0] == "after task"
+
+
+def test_tensorboard_gets_the_accuracy_matrix_as_a_markdown_table(tmp_path: Path) -> None:
+    """TensorBoard has no tables: the matrix is a text, one row per step (tensorboard itself is not installed here,
+    so a stand-in receives it)."""
+    from types import SimpleNamespace
+
+    from cil.tracking import _tensorboard_table
+
+    pd.DataFrame([[90.0, None], [70.0, 80.0]], index=["t0", "t1"], columns=["t0", "t1"]).to_csv(
+        tmp_path / "accuracy_matrix.csv"
+    )
+    texts: list[tuple[str, str]] = []
+    logger = SimpleNamespace(experiment=SimpleNamespace(add_text=lambda tag, text: texts.append((tag, text))))
+    _tensorboard_table(logger, {"task_names": ["cats", "dogs"]}, tmp_path)  # type: ignore[arg-type]
+    assert texts == [
+        (
+            "accuracy_matrix",
+            "| after task | 0: cats | 1: dogs |\n|---|---|---|\n| 0 | 90.00 |  |\n| 1 | 70.00 | 80.00 |",
+        )
+    ]
