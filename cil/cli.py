@@ -335,7 +335,8 @@ def _one_line(error: BaseException) -> str:
         text = cause.group(1)
         key = re.search(r'^Parser key "([^"]+)"', original)
         if key and key.group(1) not in text:  # `trainer.logger: Import path torch.nn.Linear does not correspond ...`
-            text = f"{key.group(1)}: {_BULLET.sub('', text.strip())}"
+            cause_lines = [_BULLET.sub("", line).strip() for line in text.splitlines()]
+            text = f"{key.group(1)}: {' '.join(line for line in cause_lines if line)}"  # one cause, on one line
     elif isinstance(error, argparse.ArgumentError):
         union = _union_error(text)
         if union is not None:

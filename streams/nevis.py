@@ -371,7 +371,16 @@ def nevis_offline(
 ) -> Stream:
     """A NEVIS-style stream over data the package registries ship (``streams/specs/nevis_offline.yaml``): UCI
     digits (1998), MNIST (1998), font glyphs (2004), Fashion-MNIST (2017, skipped if apt's package is absent),
-    Animal-MNIST (2021). The per-class caps keep a CPU run to minutes."""
+    Animal-MNIST (2021). The per-class caps keep a CPU run to minutes.
+
+    Args:
+        mode: ``test`` (train on train + dev, score on test) or ``dev`` (train on train, score on dev_test, stop at
+            the spec's ``dev_stop_year``).
+        stop_year: Drop tasks from this year on.
+        split_seed: Seed of the splits NEVIS makes (not of the run).
+        train_per_class: Cap on training images per class (per task).
+        test_per_class: Cap on test images per class (per task).
+    """
     return nevis(
         variant="offline",
         mode=mode,

@@ -130,7 +130,18 @@ def sklearn_digits(
     test_fraction: float = 0.25,
     split_seed: int = 0,
 ) -> Stream:
-    """scikit-learn's 8x8 digits (UCI optical digits, 1998) as a tiny class-incremental stream (for tests)."""
+    """scikit-learn's 8x8 digits (UCI optical digits, 1998) as a tiny class-incremental stream (for tests).
+
+    Args:
+        base: Classes in the first task (0: ``increment``).
+        increment: Classes per later task.
+        seed: Class-order seed (default: the run's seed).
+        order: Explicit class order (a permutation of 0..9), overrides ``seed``.
+        train_per_class: Cap on training images per class (default: all, about 135).
+        test_per_class: Cap on test images per class (default: all, about 45).
+        test_fraction: Share of each class held out for testing.
+        split_seed: Seed of the train / test split.
+    """
     images, labels = _load_sklearn_digits()
     return _array_stream(
         "sklearn_digits",

@@ -151,3 +151,26 @@ def test_every_registered_stream_has_a_section() -> None:
 def test_every_page_is_in_the_nav() -> None:
     nav = (ROOT / "mkdocs.yml").read_text()
     assert not [p for p in PAGES if p.relative_to(DOCS).as_posix() not in nav]
+
+
+CONFIG_BULLET = re.compile(r"^- `(configs/[^`]+\.yaml)`: (.*)$", flags=re.M)
+
+
+def config_summary(config: Path) -> str:
+    """What a method page says of a config: the first sentence of the comment the YAML opens with (up to its first
+    indented command line), ending in a full stop."""
+    lines = []
+    for line in config.read_text().splitlines():
+        if not line.startswith("#") or line.startswith("#  "):
+            break
+        lines.append(line.lstrip("# ").strip())
+    text = " ".join(lines)
+    sentence = re.split(r"(?<!e\.g)(?<!i\.e)\.(?:\s|$)", text, maxsplit=1)[0].rstrip(" :.")
+    return sentence + "."
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if CONFIG_BULLET.search(p.read_text())], ids=lambda p: p.name)
+def test_the_config_a_page_lists_is_described_by_its_own_first_sentence(page: Path) -> None:
+    """The list of configs on a method page is the configs' own words, whole: it cannot drift from them."""
+    for path, text in CONFIG_BULLET.findall(page.read_text()):
+        assert text == config_summary(ROOT / path), f"{page.name}: {path}"

@@ -200,13 +200,28 @@ def test_hyperparameters_are_what_identifies_the_run(tmp_path: Path) -> None:
     assert tracker.calls[0][1] == {"stream": {"name": "x"}, "trainer": {"max_epochs": 1}, "config_hash": ANY}
 
 
-def test_a_class_path_that_is_not_a_logger_is_named_in_the_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    """Was `cil run: error: - (`cil run --help` lists the options)`."""
-    assert (
-        main(_cli(tmp_path, {"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 3}})) != 0
-    )
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "torch.nn.Linear" in error and not error.startswith("cil run: error: -")
+@pytest.mark.parametrize(
+    ("logger", "expected"),
+    [
+        (
+            {"class_path": "torch.nn.Linear", "init_args": {"in_features": 2, "out_features": 3}},
+            "trainer.logger: Import path torch.nn.Linear does not correspond to a subclass of Logger",
+        ),
+        (
+            {"class_path": "lightning.pytorch.loggers.WandbLoger"},
+            "trainer.logger: Problem with given class_path 'lightning.pytorch.loggers.WandbLoger': module "
+            "'lightning.pytorch.loggers' has no attribute 'WandbLoger'",
+        ),
+    ],
+    ids=["not-a-logger", "misspelt"],
+)
+def test_a_class_path_that_is_not_a_logger_is_named_in_the_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture, logger: dict[str, Any], expected: str
+) -> None:
+    """Was `cil run: error: - (`cil run --help` lists the options)`, and the misspelt class without its key."""
+    assert main(_cli(tmp_path, logger)) != 0
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert errors[-1] == f"cil run: error: {expected} (`cil run --help` lists the options)"
     assert not (tmp_path / "run").exists()
 
 
