@@ -27,6 +27,7 @@ Offline sources (``type: offline``) are arrays that pip / apt packages ship, so 
 
 from __future__ import annotations
 
+import glob
 import gzip
 import importlib.util
 import os
@@ -66,6 +67,8 @@ class SourceData:
     """One dataset's official splits. ``test`` / ``val`` are None where the dataset has none.
 
     ``labels`` maps each split to its targets: ``[N]`` integers, or ``[N, K]`` multi-hot for multi-label data.
+    ``content`` names each split's content where the reader knows it without reading the images (HF's fingerprints):
+    it goes into the task's metadata, so a resumed run tells a rewritten dataset.
     """
 
     train: Dataset[Any]
@@ -73,6 +76,7 @@ class SourceData:
     labels: dict[str, np.ndarray]
     test: Dataset[Any] | None = None
     val: Dataset[Any] | None = None
+    content: dict[str, str] | None = None
 
 
 class MultiHot(Dataset[tuple[Any, torch.Tensor]]):
@@ -293,7 +297,11 @@ def _hf_missing(source: dict[str, Any], path: Path, download: bool) -> str | Non
             "dataset with source.path: a path relative to it, or a hub name)"
         )
     try:
-        kind, _ = locate(location, base)
+        kind, where = locate(location, base)
+        if kind == "files" and not glob.glob(where.replace("{split}", "*")):
+            return f"hf_dataset: no file matches {where!r}"
+        if kind in ("disk", "folder") and not any(Path(where).iterdir()):
+            return f"{where!r} is empty: put a save_to_disk folder or parquet files there"
         if kind == "hub" and not (download or source.get("download")):
             _hf_dataset(source, path, download)  # read from the cache: cheap (memory-mapped), and the only sure check
     except FileNotFoundError as error:
@@ -332,6 +340,7 @@ def _hf_dataset(source: dict[str, Any], path: Path, download: bool) -> SourceDat
         val=images.get("val"),
         class_names=names,
         labels={name: data.targets for name, data in images.items()},
+        content={name: data.fingerprint for name, data in images.items()},
     )
 
 

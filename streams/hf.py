@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cil.data import _rgb
+from cil.data import _rgb, stratified_split
 from cil.stream import Stream, register_stream
 from cil.task import class_incremental_split
 
@@ -43,9 +43,12 @@ class HFImages(Dataset[tuple[Any, int]]):
     by class never decodes an image (:func:`cil.task.stored_targets`)."""
 
     def __init__(self, split: Any, image_column: str, targets: np.ndarray) -> None:
-        self.split = split.select_columns([image_column])  # a row read decodes the image column only
+        chosen = split.select_columns([image_column])  # a row read decodes the image column only
+        # HF's id of this column's content and history (taken after the selection: another column has another id)
+        self.fingerprint = str(getattr(chosen, "_fingerprint", ""))
+        is_image = type(split.features[image_column]).__name__ == "Image"
+        self.split = chosen if is_image else chosen.with_format("numpy")  # arrays as arrays, not nested lists
         self.image_column = image_column
-        self.fingerprint = str(getattr(split, "_fingerprint", ""))  # HF's id of the split's content and history
         self.rows = np.arange(len(split))  # [N] rows of the split
         self.targets = np.asarray(targets, dtype=np.int64)  # [N]
 
@@ -75,10 +78,11 @@ def _image(value: Any, column: str, row: int) -> Any:
     if isinstance(value, Image.Image):
         return _rgb(value)
     array = np.asarray(value)
-    if array.ndim not in (2, 3) or array.dtype.kind not in "ui":
+    channels_last = array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))
+    if not channels_last or array.dtype.kind not in "ui":
         raise ValueError(
             f"hf_dataset column {column!r} row {row} holds a {array.dtype} array of shape {array.shape}, not an "
-            "image; store images as an Image feature or uint8 arrays [H, W] / [H, W, C]"
+            "image; store images as an Image feature or uint8 arrays [H, W] / [H, W, C] with C 1, 3 or 4"
         )
     if array.dtype != np.uint8:
         if array.size and (array.min() < 0 or array.max() > 255):
@@ -120,10 +124,12 @@ def locate(path: str, base: Path | None = None) -> tuple[str, str]:
     e.g. parquet, splits inferred from the file names), ``("files", pattern)`` (a glob; ``{split}`` in it stands for
     the split name) or ``("hub", name)``. Relative paths are resolved against ``base`` (default: the working
     directory); a relative path that does not exist and looks like ``namespace/name`` is a hub name."""
+    if not isinstance(path, str):
+        raise ValueError(f"hf_dataset: path must be a folder, a glob or a hub name (text), got {path!r}")
     local = Path(path).expanduser()
     if base is not None and not local.is_absolute():
         local = base / local
-    if "{split}" in path or glob.has_magic(path):
+    if ("{split}" in path or glob.has_magic(path)) and not local.exists():  # a real folder named `a[1]` is a folder
         return "files", str(local)
     if local.is_dir():
         saved = (local / "dataset_dict.json").is_file() or (local / "state.json").is_file()
@@ -173,7 +179,8 @@ def _load(kind: str, where: str, revision: str | None, cache_dir: str | None, do
 
 def _split_of(pattern: str, file: str) -> re.Match[str] | None:
     prefix, _, suffix = pattern.partition("{split}")
-    regex = re.escape(prefix).replace(r"\*", ".*") + r"([^/]+?)" + re.escape(suffix).replace(r"\*", ".*")
+    # HF's split names are words (`\w+`): `{split}*.parquet` reads `train` from `train-00000.parquet`
+    regex = re.escape(prefix).replace(r"\*", ".*") + r"(\w+)" + re.escape(suffix).replace(r"\*", ".*")
     return re.fullmatch(regex, file)
 
 
@@ -279,7 +286,7 @@ def _labels(split: Any, column: str, path: str, name: str) -> np.ndarray:
 def hf_dataset(
     path: str,
     train_split: str = "train",
-    test_split: str = "test",
+    test_split: str | None = "test",
     image_column: str = "image",
     label_column: str = "label",
     class_names: list[str] | None = None,
@@ -290,6 +297,7 @@ def hf_dataset(
     train_per_class: int | None = None,
     test_per_class: int | None = None,
     split_seed: int = 0,
+    test_fraction: float = 0.2,
     dataset_name: str | None = None,
     revision: str | None = None,
     cache_dir: str | None = None,
@@ -311,7 +319,8 @@ def hf_dataset(
             ``test-*.parquet``, ...), a glob of parquet files (``{split}`` stands for the split name:
             ``data/{split}-*.parquet``), or a hub name (``namespace/name``), read from the local HF cache.
         train_split: Split to train on.
-        test_split: Split to score on.
+        test_split: Split to score on; null for a dataset with one split, of which ``test_fraction`` of every
+            class is held out for testing (seeded by ``split_seed``).
         image_column: Column of images (``Image`` feature, or uint8 arrays ``[H, W]`` / ``[H, W, C]``).
         label_column: Column of class ids (``ClassLabel``, or integers).
         class_names: One name per class id (default: the ``ClassLabel`` names, else the ids).
@@ -321,7 +330,9 @@ def hf_dataset(
         order: Explicit class order (a permutation of the class ids).
         train_per_class: Cap on training images per class (seeded), for quick runs.
         test_per_class: Cap on test images per class.
-        split_seed: Seed of the caps (not of the run), so every run of the stream sees the same images.
+        split_seed: Seed of the caps and of a held-out test split (not of the run), so every run of the stream sees
+            the same images.
+        test_fraction: Share of each class held out for testing when ``test_split`` is null.
         dataset_name: Names the stream and its tasks (default: the last part of ``path``).
         revision: Hub revision (branch, tag or commit) of a hub name.
         cache_dir: HF cache folder (default: HF's).
@@ -331,7 +342,7 @@ def hf_dataset(
 
     splits, names = read_hf(
         path,
-        splits={"train": train_split, "test": test_split},
+        splits={"train": train_split} if test_split is None else {"train": train_split, "test": test_split},
         image_column=image_column,
         label_column=label_column,
         class_names=class_names,
@@ -339,8 +350,12 @@ def hf_dataset(
         cache_dir=cache_dir,
         download=download,
     )
-    train = splits["train"].subset(_cap(splits["train"].targets, train_per_class, split_seed))
-    test = splits["test"].subset(_cap(splits["test"].targets, test_per_class, split_seed + 1))
+    if test_split is None:  # one split: hold out a seeded share of every class
+        rows = stratified_split(splits["train"].targets, test_fraction, split_seed, train_per_class, test_per_class)
+        train, test = splits["train"].subset(rows[0]), splits["train"].subset(rows[1])
+    else:
+        train = splits["train"].subset(_cap(splits["train"].targets, train_per_class, split_seed))
+        test = splits["test"].subset(_cap(splits["test"].targets, test_per_class, split_seed + 1))
     name = dataset_name or Path(re.split(r"[*?\[{]", path)[0]).name or "hf_dataset"  # a glob: its folder
     tasks = class_incremental_split(
         train,
@@ -352,7 +367,10 @@ def hf_dataset(
         class_names=names,
         name=name,
     )  # labels from the datasets' stored targets: no image is decoded
-    metadata = {"path": path, "train_split": train_split, "test_split": test_split, "base": base,
-                "increment": increment, "train_per_class": train_per_class, "test_per_class": test_per_class,
-                "split_seed": split_seed}  # fmt: skip
+    metadata = {"path": path, "train_split": train_split, "test_split": test_split, "image_column": image_column,
+                "label_column": label_column, "revision": revision, "base": base, "increment": increment,
+                "train_per_class": train_per_class, "test_per_class": test_per_class, "split_seed": split_seed,
+                **({"test_fraction": test_fraction} if test_split is None else {}),
+                # HF's content ids: a dataset rewritten at the same path is another stream (a resume refuses it)
+                "content": {name: data.fingerprint for name, data in splits.items()}}  # fmt: skip
     return Stream(name=name, tasks=tuple(tasks), metadata=metadata)

@@ -200,6 +200,8 @@ def _make_task(
     metadata = {"dataset": spec.dataset, "year": spec.year, "source": spec.source.get("type"), "mode": mode}
     if spec.prompt is not None:  # only when given: the stream's fingerprint of earlier runs stays the same
         metadata["prompt"] = spec.prompt
+    if source.content is not None:  # only where known (HF): likewise
+        metadata["content"] = source.content
     if multilabel:
         classes = tuple(range(first_id, first_id + len(source.class_names)))
         task = Task(

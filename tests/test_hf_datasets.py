@@ -133,6 +133,57 @@ def test_integer_labels_and_array_images(tmp_path: Path) -> None:
     assert named[0].class_names == ("x", "y", "z")
 
 
+@pytest.mark.parametrize("layout", ["save_to_disk", "parquet"])
+def test_the_same_data_is_the_same_stream_and_rewritten_data_is_another(tmp_path: Path, layout: str) -> None:
+    """A resumed run compares stream fingerprints: loading the same files again must give the same one (or no HF
+    run could resume), and the same path rewritten with other pixels another (HF's content ids are in it)."""
+    from cil.engine import stream_fingerprint
+
+    def write(data: Any) -> Path:
+        if layout == "save_to_disk":
+            return _saved(tmp_path, data)
+        for split, rows in data.items():
+            rows.to_parquet(str(tmp_path / "pq" / f"{split}-00000.parquet"))
+        return tmp_path / "pq"
+
+    path = write(_dataset_dict())
+    first = stream_fingerprint(_stream(path, cache_dir=str(tmp_path / "cache")))
+    assert stream_fingerprint(_stream(path, cache_dir=str(tmp_path / "cache"))) == first
+    other = _dataset_dict()
+    other["train"] = other["train"].map(lambda row: {"image": Image.new("RGB", (6, 6), 7)})  # other pixels, same labels
+    if layout == "save_to_disk":
+        import shutil
+
+        shutil.rmtree(path)
+    write(other)
+    assert stream_fingerprint(_stream(path, cache_dir=str(tmp_path / "cache"))) != first
+    assert _stream(path, cache_dir=str(tmp_path / "cache")).metadata["image_column"] == "image"
+
+
+def test_one_split_holds_out_a_seeded_share_of_every_class(tmp_path: Path) -> None:
+    path = _saved(tmp_path, datasets.DatasetDict({"train": _dataset_dict(train=10)["train"]}))
+    stream = _stream(path, test_split=None, test_fraction=0.2)
+    assert [(len(task.train), len(task.test)) for task in stream] == [(16, 4), (16, 4)]  # 8 + 2 per class
+    again = _stream(path, test_split=None, test_fraction=0.2)
+    assert [task.test.indices for task in again] == [task.test.indices for task in stream]  # type: ignore[attr-defined]
+    train_pixels = {int(np.asarray(image)[0, 0, 0]) for task in stream for image, _ in task.train}
+    test_pixels = {int(np.asarray(image)[0, 0, 0]) for task in stream for image, _ in task.test}
+    assert not train_pixels & test_pixels  # no image in both
+    with pytest.raises(ValueError, match="has no split 'test'"):
+        _stream(path)
+
+
+def test_channels_first_arrays_are_refused(tmp_path: Path) -> None:
+    features = datasets.Features(
+        {"image": datasets.Array3D((3, 6, 6), "uint8"), "label": datasets.ClassLabel(names=list(NAMES))}
+    )
+    rows = {"image": [np.zeros((3, 6, 6), np.uint8)] * 8, "label": [0, 1, 2, 3] * 2}
+    data = datasets.DatasetDict({s: datasets.Dataset.from_dict(rows, features=features) for s in ("train", "test")})
+    stream = _stream(_saved(tmp_path, data))
+    with pytest.raises(ValueError, match=r"not an image; .* \[H, W, C\] with C 1, 3 or 4"):
+        stream[0].train[0]
+
+
 def test_building_the_stream_decodes_no_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any) -> None:
         raise AssertionError("decoded an image")
