@@ -27,7 +27,6 @@ Offline sources (``type: offline``) are arrays that pip / apt packages ship, so 
 
 from __future__ import annotations
 
-import glob
 import gzip
 import importlib.util
 import os
@@ -284,7 +283,7 @@ def _hf_location(source: dict[str, Any], path: Path) -> tuple[str, Path | None]:
 
 
 def _hf_missing(source: dict[str, Any], path: Path, download: bool) -> str | None:
-    from streams.hf import INSTALL, locate
+    from streams.hf import INSTALL, absent, locate
 
     if (problem := _needs_package("datasets", INSTALL)()) is not None:
         return problem
@@ -298,10 +297,8 @@ def _hf_missing(source: dict[str, Any], path: Path, download: bool) -> str | Non
         )
     try:
         kind, where = locate(location, base)
-        if kind == "files" and not glob.glob(where.replace("{split}", "*")):
-            return f"hf_dataset: no file matches {where!r}"
-        if kind in ("disk", "folder") and not any(Path(where).iterdir()):
-            return f"{where!r} is empty: put a save_to_disk folder or parquet files there"
+        if kind != "hub" and (problem := absent(kind, where)) is not None:
+            return problem
         if kind == "hub" and not (download or source.get("download")):
             _hf_dataset(source, path, download)  # read from the cache: cheap (memory-mapped), and the only sure check
     except FileNotFoundError as error:

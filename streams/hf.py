@@ -28,7 +28,7 @@ from cil.data import _rgb, stratified_split
 from cil.stream import Stream, register_stream
 from cil.task import class_incremental_split
 
-__all__ = ["INSTALL", "HFImages", "hf_dataset", "locate", "read_hf"]
+__all__ = ["INSTALL", "HFImages", "absent", "hf_dataset", "locate", "read_hf"]
 
 INSTALL = "pip install 'datasets>=4.0'"
 # hub ids are "name" or "namespace/name"; anything else that is not on disk is a mistyped path
@@ -46,7 +46,7 @@ class HFImages(Dataset[tuple[Any, int]]):
         chosen = split.select_columns([image_column])  # a row read decodes the image column only
         # HF's id of this column's content and history (taken after the selection: another column has another id)
         self.fingerprint = str(getattr(chosen, "_fingerprint", ""))
-        is_image = type(split.features[image_column]).__name__ == "Image"
+        is_image = isinstance(split.features[image_column], _datasets().Image)
         self.split = chosen if is_image else chosen.with_format("numpy")  # arrays as arrays, not nested lists
         self.image_column = image_column
         self.rows = np.arange(len(split))  # [N] rows of the split
@@ -144,9 +144,21 @@ def locate(path: str, base: Path | None = None) -> tuple[str, str]:
     )
 
 
+def absent(kind: str, where: str) -> str | None:
+    """What is missing at a local ``where`` of :func:`locate`'s ``kind`` (files a glob does not match, an empty
+    folder), or None."""
+    if kind == "files" and not glob.glob(where.replace("{split}", "*")):
+        return f"hf_dataset: no file matches {where!r}"
+    if kind in ("disk", "folder") and not any(Path(where).iterdir()):
+        return f"{where!r} is empty: put a save_to_disk folder or parquet files there"
+    return None
+
+
 def _load(kind: str, where: str, revision: str | None, cache_dir: str | None, download: bool) -> dict[str, Any]:
     """The splits of the dataset at ``where`` (see :func:`locate`), by name."""
     datasets = _datasets()
+    if (problem := absent(kind, where)) is not None:
+        raise FileNotFoundError(problem)
     if kind == "disk":
         loaded = datasets.load_from_disk(where)
         return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
@@ -156,7 +168,7 @@ def _load(kind: str, where: str, revision: str | None, cache_dir: str | None, do
         if "{split}" in where:
             names = {m.group(1) for f in glob.glob(where.replace("{split}", "*")) if (m := _split_of(where, f))}
             patterns = {name: where.replace("{split}", name) for name in sorted(names)}
-        if not patterns or not glob.glob(where.replace("{split}", "*")):
+        if not patterns:  # files, but none with a split name where {split} stands
             raise FileNotFoundError(f"hf_dataset: no file matches {where!r}")
         with _hub_offline(True):
             return dict(datasets.load_dataset(builder, data_files=patterns, cache_dir=cache_dir))
