@@ -66,7 +66,9 @@ def _file_key(path: str) -> bytes:
     return hashlib.sha256(f"file {os.path.realpath(path)}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).digest()
 
 
-def sample_keys(dataset: Dataset[Any]) -> list[bytes] | None:
+def sample_keys(
+    dataset: Dataset[Any], memo: dict[int, tuple[Dataset[Any], list[bytes] | None]] | None = None
+) -> list[bytes] | None:
     """One 32-byte identity per sample of ``dataset`` without decoding any image, or None where the dataset does
     not tell one cheaply (its embeddings are then computed as without the cache).
 
@@ -76,10 +78,17 @@ def sample_keys(dataset: Dataset[Any]) -> list[bytes] | None:
     A dataset with a ``sample_keys()`` method gives its own (Hugging Face datasets: the dataset's fingerprint, HF's
     id of its content and history, and the row).
     A dataset with its own ``transform`` set is not keyed: its images are not what the key would describe.
+
+    ``memo`` keeps the keys of the datasets subsets share (every task of a stream is a subset of the same few), so
+    a run hashes each image once, not once per task.
     """
     if isinstance(dataset, (LabelMapped, Subset)):
-        parent = sample_keys(dataset.dataset)
+        parent = sample_keys(dataset.dataset, memo)
         return None if parent is None else [parent[i] for i in dataset.indices]
+    if memo is not None:
+        if id(dataset) not in memo:  # the dataset is kept with its keys, so its id stays its own
+            memo[id(dataset)] = (dataset, sample_keys(dataset))
+        return memo[id(dataset)][1]
     if getattr(dataset, "transform", None) is not None:
         return None
     own = getattr(dataset, "sample_keys", None)
@@ -108,6 +117,7 @@ class FeatureStore:
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(f"feature_cache {str(self.root)!r} is a file; give a folder (it is created if missing)")
         self._indexes: dict[str, dict[bytes, torch.Tensor]] = {}
+        self._keys: dict[int, tuple[Dataset[Any], list[bytes] | None]] = {}  # sample_keys' memo, for this run
         self.hits = 0
         self.misses = 0
 
@@ -117,7 +127,7 @@ class FeatureStore:
         """``(embeddings [N, D], labels [N])`` of ``dataset`` under the embedding ``description``; the images not in
         the cache go through ``compute`` (a subset of ``dataset``) and are added. None where the dataset has no
         cheap sample keys or integer labels (the caller computes as without a cache)."""
-        keys = sample_keys(dataset)
+        keys = sample_keys(dataset, self._keys)
         labels = stored_targets(dataset)
         if keys is None or labels is None or len(keys) != len(labels):
             return None

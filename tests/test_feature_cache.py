@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from cil.data import ArrayDataset, image_folder
 from cil.feature_cache import FeatureStore, embedding_digest, sample_keys
@@ -153,3 +153,18 @@ def test_a_file_given_as_the_cache_folder_is_refused(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         FeatureStore(tmp_path / "file")
+
+
+def test_a_run_keys_each_image_once_however_many_tasks_share_its_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cil.feature_cache as feature_cache
+
+    data = _arrays()
+    hashed: list[int] = []
+    original = feature_cache._array_key
+    monkeypatch.setattr(feature_cache, "_array_key", lambda image: hashed.append(1) or original(image))
+    store = FeatureStore(tmp_path)
+    for rows in ([0, 1], [2, 3], [4, 5]):  # three tasks' subsets of one dataset
+        store.embed(DESCRIPTION, Subset(data, rows), _Counting())
+    assert len(hashed) == len(data)
